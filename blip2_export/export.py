@@ -1,0 +1,266 @@
+"""Checkpoint -> bundle: split a BLIP-2 model into graphs, export ONNX, write the manifest.
+
+The bundle is assembled in a hidden temporary folder next to the output and renamed into place
+only when every file and the manifest are written, so an interrupted export never leaves a
+complete-looking bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime import contract
+from runtime.contract import Family, GraphIO, GraphName
+from runtime.errors import Blip2Error
+from runtime.integrity import atomic_directory
+from runtime.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    DimRange,
+    GenerationDefaults,
+    GraphRecord,
+    Manifest,
+    ModelFacts,
+    Preprocess,
+    file_record,
+)
+
+# Above this size a graph's weights go to one external data file beside it (protobuf caps at 2 GiB).
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What the exported graphs must support. Checked before any export work starts."""
+
+    max_batch: int = 16  # rows through the decoder: images x beams
+    max_context: int | None = None  # total positions (visual prefix + prompt + generated); None: model limit
+    opset: int = 18
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD
+    max_new_tokens: int = 30  # default generation length written to the manifest
+    force: bool = False
+
+    def validate(self, model_limit: int | None = None, num_query_tokens: int = 0) -> None:
+        if self.max_batch < 1:
+            raise Blip2Error(f"--max-batch must be >= 1 (got {self.max_batch})")
+        if not 14 <= self.opset <= 21:
+            raise Blip2Error(f"--opset {self.opset} is not supported; use 14..21 (default 18)")
+        if self.max_context is not None:
+            if self.max_context <= num_query_tokens + 1:
+                raise Blip2Error(f"--max-context {self.max_context} leaves no room for a prompt after the "
+                                 f"{num_query_tokens} visual tokens; use at least {num_query_tokens + 8}")
+            if model_limit is not None and self.max_context > model_limit:
+                raise Blip2Error(f"--max-context {self.max_context} exceeds the model's {model_limit} positions; "
+                                 f"use at most {model_limit}")
+        if self.external_data_threshold < 0:
+            raise Blip2Error("--external-data-threshold must be >= 0")
+
+
+def model_facts(model, tokenizer) -> ModelFacts:
+    cfg = model.config
+    v, q, t = cfg.vision_config, cfg.qformer_config, cfg.text_config
+    decoder_only = cfg.use_decoder_only_language_model
+    patches = (v.image_size // v.patch_size) ** 2 + 1
+    heads = t.num_attention_heads if decoder_only else t.num_heads
+    hidden = t.hidden_size if decoder_only else t.d_model
+    head_dim = getattr(t, "head_dim", None) or (hidden // heads if decoder_only else t.d_kv)
+    kv_heads = getattr(t, "num_key_value_heads", None) or heads
+    limit = getattr(t, "max_position_embeddings", None) or 512
+    eos = t.eos_token_id if t.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    pad = t.pad_token_id if t.pad_token_id is not None else (tokenizer.pad_token_id or 0)
+    return ModelFacts(
+        family=(Family.DECODER_ONLY if decoder_only else Family.ENCODER_DECODER).value,
+        llm_type=t.model_type,
+        num_query_tokens=cfg.num_query_tokens,
+        image_size=v.image_size,
+        patches=patches,
+        vision_hidden=v.hidden_size,
+        qformer_hidden=q.hidden_size,
+        llm_hidden=hidden,
+        llm_layers=t.num_hidden_layers if decoder_only else t.num_decoder_layers,
+        llm_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=model.get_output_embeddings().weight.shape[0],
+        max_context=limit,
+        bos_token_id=t.bos_token_id if t.bos_token_id is not None else tokenizer.bos_token_id,
+        eos_token_ids=tuple(int(e) for e in eos_ids if e is not None),
+        pad_token_id=int(pad),
+        image_token_id=cfg.image_token_index,
+        decoder_start_token_id=None if decoder_only else t.decoder_start_token_id,
+    )
+
+
+def preprocess_facts(image_processor, image_size: int) -> Preprocess:
+    size = dict(image_processor.size or {})
+    h, w = size.get("height", image_size), size.get("width", image_size)
+    names = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+    resample = getattr(image_processor, "resample", 3)
+    return Preprocess(
+        height=int(h), width=int(w), resample=names.get(int(resample), "bicubic"),
+        rescale_factor=float(image_processor.rescale_factor),
+        mean=tuple(float(x) for x in image_processor.image_mean),
+        std=tuple(float(x) for x in image_processor.image_std),
+        convert_rgb=bool(getattr(image_processor, "do_convert_rgb", True)),
+    )
+
+
+def export_onnx(module, args: tuple, io: GraphIO, path: Path, opset: int, external_threshold: int) -> list[str]:
+    """Export ``module`` with the names and dynamic axes declared by ``io``; return external data files.
+
+    Uses the TorchScript exporter, which is fast on these graphs and reaches ~1e-7 parity. The module
+    is put in eval mode first: that exporter would otherwise keep training-mode dropout.
+    """
+    import onnx
+    import torch
+
+    import tempfile
+
+    module.eval()
+    # A private folder: for large graphs torch writes one external file per tensor next to the model.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as work:
+        tmp = Path(work) / path.name
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, str(tmp), input_names=io.input_names(), output_names=io.output_names(),
+                dynamic_axes=io.dynamic_axes(), opset_version=opset, dynamo=False, do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp), load_external_data=True)
+    weight_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
+    if weight_bytes > external_threshold:
+        data_name = path.name + ".data"
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        return [data_name]
+    onnx.save_model(proto, str(path))
+    return []
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="graph")
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, config: ExportConfig | None = None, *,
+                  progress: bool = True, model_and_tokenizer=None) -> Path:
+    """Export ``checkpoint`` (a local transformers BLIP-2 folder) to a bundle at ``out``.
+
+    ``model_and_tokenizer`` may pass an already loaded ``(model, tokenizer, image_processor)``.
+    """
+    import torch
+    import transformers
+
+    from blip2_export import __version__
+    from blip2_export.graphs import DecoderGraph, QFormerGraph, VisionGraph
+    from blip2_export.modelzoo import checkpoint_identity, load_checkpoint  # noqa: I001
+
+    config = config or ExportConfig()
+    out = Path(out)
+    if out.exists() and not config.force:
+        raise Blip2Error(f"output {out} already exists", hint="pass --force to replace it")
+    if model_and_tokenizer is None:
+        model, tokenizer, image_processor = load_checkpoint(checkpoint)
+    else:
+        model, tokenizer, image_processor = model_and_tokenizer
+    facts = model_facts(model, tokenizer)
+    config.validate(facts.max_context, facts.num_query_tokens)
+    if facts.family != Family.DECODER_ONLY.value:
+        from blip2_export import export_seq2seq
+
+        return export_seq2seq.export_bundle_seq2seq(checkpoint, out, config, model, tokenizer, image_processor,
+                                                    facts, progress=progress)
+    max_ctx = min(config.max_context or facts.max_context, facts.max_context)
+    facts = _replace(facts, max_context=max_ctx)
+    model = model.float().eval()
+
+    dims = {
+        "batch": DimRange(1, 1, config.max_batch),
+        "seq": DimRange(1, facts.num_query_tokens + 16, max_ctx),
+        "past": DimRange(0, facts.num_query_tokens + 16, max_ctx - 1),
+        "total": DimRange(1, facts.num_query_tokens + 32, max_ctx),
+    }
+    sizes = {"batch": 2, "seq": 5, "past": 3, "total": 8}
+    m = facts
+    plans: list[tuple[GraphName, torch.nn.Module, GraphIO]] = [
+        (GraphName.VISION, VisionGraph(model), contract.vision_io(m.image_size, m.patches, m.vision_hidden)),
+        (GraphName.QFORMER, QFormerGraph(model),
+         contract.qformer_io(m.patches, m.vision_hidden, m.num_query_tokens, m.llm_hidden)),
+        (GraphName.DECODER, DecoderGraph(model.language_model, m.llm_layers),
+         contract.decoder_io(m.llm_hidden, m.llm_layers, m.llm_heads, m.head_dim, m.vocab_size)),
+    ]
+    with atomic_directory(out, force=config.force) as tmp:
+        graphs = {}
+        for name, module, io in _progress(plans, progress, "export"):
+            graphs[name.value] = _export_one(tmp, name, module, io, sizes, config)
+        files = write_text_side(tmp, model, tokenizer)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            model=facts,
+            preprocess=preprocess_facts(image_processor, m.image_size),
+            generation=GenerationDefaults(max_new_tokens=config.max_new_tokens),
+            dims=dims,
+            graphs={"fp32": graphs},
+            files=files,
+            source=_source(checkpoint, checkpoint_identity),
+            versions={"blip2_export": __version__, "torch": torch.__version__,
+                      "transformers": transformers.__version__, "onnx": _onnx_version(), "opset": str(config.opset)},
+        )
+        manifest.validate()
+        (tmp / MANIFEST_NAME).write_text(manifest.dumps())
+    return out
+
+
+def _export_one(tmp: Path, name: GraphName, module, io: GraphIO, sizes: dict, config: ExportConfig) -> GraphRecord:
+    from blip2_export.graphs import example_inputs
+
+    file = f"{name.value}.onnx"
+    ext = export_onnx(module, example_inputs(io, sizes), io, tmp / file, config.opset,
+                      config.external_data_threshold)
+    rec = file_record(tmp, file)
+    return GraphRecord(name=name.value, file=file, sha256=rec.sha256, io=io, precision="fp32",
+                       external_data=tuple(file_record(tmp, e) for e in ext))
+
+
+def write_text_side(tmp: Path, model, tokenizer) -> dict:
+    """Token embedding table (the "prompt table") and tokenizer files; returns their file records."""
+    emb = model.get_input_embeddings().weight.detach().float().cpu().numpy()
+    np.save(tmp / "embed_tokens.npy", np.ascontiguousarray(emb), allow_pickle=False)
+    tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    special = {
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token,
+    }
+    (tmp / "tokenizer_config.json").write_text(json.dumps(special, indent=2))
+    return {
+        "embed_tokens": file_record(tmp, "embed_tokens.npy"),
+        "tokenizer": file_record(tmp, "tokenizer.json"),
+        "tokenizer_config": file_record(tmp, "tokenizer_config.json"),
+    }
+
+
+def _source(checkpoint, identity) -> dict:
+    if checkpoint is None:
+        return {"checkpoint": None}
+    p = Path(checkpoint)
+    return {"checkpoint": p.name, "weights_sha256": identity(p) if p.is_dir() else None}
+
+
+def _onnx_version() -> str:
+    import onnx
+
+    return onnx.__version__
+
+
+def _replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)

@@ -1,0 +1,250 @@
+"""Random BLIP-2 models built from configs, and loading of real checkpoints from a local folder.
+
+Tests, ``demo`` and ``bench`` need BLIP-2 models without downloading anything, so they are built here
+from ``transformers`` configs with a real initialisation. Two transformers defaults would make such a
+model degenerate: ``Blip2VisionConfig.initializer_range`` is 1e-10 (all vision weights ~0) and
+``query_tokens`` are zero-initialised; both are fixed below. ``image_token_index`` is always set
+(``generate`` needs it in transformers 5.x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import Blip2Error
+
+# CLIP normalisation, as in the published BLIP-2 processors.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Sizes of a random BLIP-2 model. ``llm`` is ``"opt"`` (decoder-only) or ``"t5"`` (encoder-decoder)."""
+
+    llm: str = "opt"
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_ffn: int = 64
+    qformer_hidden: int = 32
+    qformer_layers: int = 2
+    qformer_heads: int = 2
+    qformer_ffn: int = 64
+    num_query_tokens: int = 8
+    llm_hidden: int = 32
+    llm_layers: int = 2
+    llm_heads: int = 2
+    llm_ffn: int = 64
+    max_positions: int = 256
+    extra_words: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.llm not in ("opt", "t5"):
+            raise Blip2Error(f"unknown LLM family {self.llm!r}; choose 'opt' or 't5'")
+        for name in ("vision", "qformer", "llm"):
+            hidden, heads = getattr(self, f"{name}_hidden"), getattr(self, f"{name}_heads")
+            if hidden % heads:
+                raise Blip2Error(f"{name}_hidden={hidden} must be divisible by {name}_heads={heads}")
+        if self.image_size % self.patch_size:
+            raise Blip2Error(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
+
+
+PRESETS: dict[str, ModelSpec] = {
+    # seconds to build and export: every test uses it
+    "tiny": ModelSpec(),
+    # the spine issue's "mid-size": >= 6 layers in each part, hidden >= 384
+    "mid": ModelSpec(
+        image_size=64, patch_size=16, vision_hidden=384, vision_layers=6, vision_heads=6, vision_ffn=1536,
+        qformer_hidden=384, qformer_layers=6, qformer_heads=6, qformer_ffn=1536, num_query_tokens=32,
+        llm_hidden=384, llm_layers=6, llm_heads=6, llm_ffn=1536, max_positions=512,
+    ),
+    # shaped like a real small BLIP-2: ViT-B/16 at 224 px, 12-layer Q-Former at 768, OPT-125M-sized LLM
+    "bench": ModelSpec(
+        image_size=224, patch_size=16, vision_hidden=768, vision_layers=12, vision_heads=12, vision_ffn=3072,
+        qformer_hidden=768, qformer_layers=12, qformer_heads=12, qformer_ffn=3072, num_query_tokens=32,
+        llm_hidden=768, llm_layers=12, llm_heads=12, llm_ffn=3072, max_positions=2048,
+    ),
+}
+
+
+def get_spec(preset: str | ModelSpec, **overrides: Any) -> ModelSpec:
+    if isinstance(preset, ModelSpec):
+        spec = preset
+    elif preset in PRESETS:
+        spec = PRESETS[preset]
+    else:
+        raise Blip2Error(f"unknown model preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    spec = dataclasses.replace(spec, **overrides) if overrides else spec
+    spec.validate()
+    return spec
+
+
+def make_config(spec: ModelSpec, tokenizer):
+    """A ``Blip2Config`` for ``spec`` whose special ids match ``tokenizer``."""
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
+
+    vision = Blip2VisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_ffn,
+        num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size, patch_size=spec.patch_size,
+        initializer_range=0.02,  # the default 1e-10 makes every random vision weight ~0
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=spec.qformer_hidden, num_hidden_layers=spec.qformer_layers,
+        num_attention_heads=spec.qformer_heads, intermediate_size=spec.qformer_ffn,
+        encoder_hidden_size=spec.vision_hidden, vocab_size=len(tokenizer),
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    if spec.llm == "opt":
+        text = OPTConfig(
+            vocab_size=len(tokenizer), hidden_size=spec.llm_hidden, num_hidden_layers=spec.llm_layers,
+            num_attention_heads=spec.llm_heads, ffn_dim=spec.llm_ffn, word_embed_proj_dim=spec.llm_hidden,
+            max_position_embeddings=spec.max_positions, dropout=0.0, attention_dropout=0.0,
+            activation_dropout=0.0, layerdrop=0.0, tie_word_embeddings=False, **ids,
+        )
+    else:
+        text = T5Config(
+            vocab_size=len(tokenizer), d_model=spec.llm_hidden, d_kv=spec.llm_hidden // spec.llm_heads,
+            d_ff=spec.llm_ffn, num_layers=spec.llm_layers, num_decoder_layers=spec.llm_layers,
+            num_heads=spec.llm_heads, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+            tie_word_embeddings=False, decoder_start_token_id=tokenizer.pad_token_id, **ids,
+        )
+    return Blip2Config(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+        num_query_tokens=spec.num_query_tokens, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+
+
+def init_blip2_weights(model, seed: int = 0) -> None:
+    """Give a freshly built BLIP-2 model non-degenerate random weights (see module docstring).
+
+    Matrices get std 1/sqrt(fan_in) so every block mixes its inputs, norms start at 1, vectors
+    (biases, query tokens, embeddings) are small or unit normal. Untied LM heads make outputs depend
+    on the image and prompt instead of repeating the last token.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        if hasattr(model, "query_tokens"):  # zero by default in transformers
+            model.query_tokens.copy_(torch.randn(model.query_tokens.shape, generator=g))
+        emb = model.get_input_embeddings()
+        emb.weight.copy_(torch.randn(emb.weight.shape, generator=g))
+
+
+def make_image_processor(spec: ModelSpec):
+    from transformers import BlipImageProcessor
+
+    return BlipImageProcessor(
+        size={"height": spec.image_size, "width": spec.image_size}, resample=3,
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,
+    )
+
+
+def build_random_model(preset: str | ModelSpec = "tiny", seed: int = 0, **overrides: Any):
+    """Return ``(model, tokenizer, image_processor)`` for a random BLIP-2 with real init, in eval mode."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from blip2_export.text_tokenizer import build_word_tokenizer
+
+    spec = get_spec(preset, **overrides)
+    tokenizer = build_word_tokenizer(spec.extra_words, add_bos=spec.llm == "opt", add_eos=spec.llm == "t5")
+    config = make_config(spec, tokenizer)
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    init_blip2_weights(model, seed)
+    model.eval()
+    return model, tokenizer, make_image_processor(spec)
+
+
+def save_checkpoint(model, tokenizer, image_processor, path: str | Path) -> Path:
+    """Write a transformers-layout BLIP-2 folder (config, safetensors, tokenizer, processor)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    # Blip2Processor needs num_query_tokens to expand the image placeholder like the published checkpoints.
+    proc_cfg = {"processor_class": "Blip2Processor", "num_query_tokens": model.config.num_query_tokens}
+    (path / "processor_config.json").write_text(json.dumps(proc_cfg, indent=2))
+    return path
+
+
+def make_random_checkpoint(path: str | Path, preset: str | ModelSpec = "tiny", seed: int = 0, **overrides: Any) -> Path:
+    model, tok, proc = build_random_model(preset, seed, **overrides)
+    return save_checkpoint(model, tok, proc, path)
+
+
+def load_checkpoint(path: str | Path):
+    """Load ``(model, tokenizer, image_processor)`` from a local transformers BLIP-2 folder.
+
+    Raises ``Blip2Error`` with a clear message when the folder is not a BLIP-2 checkpoint.
+    """
+    import torch
+    from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, BlipImageProcessor
+
+    path = Path(path)
+    if not path.is_dir():
+        raise Blip2Error(f"checkpoint folder not found: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise Blip2Error(f"{path} has no config.json: not a transformers checkpoint folder")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise Blip2Error(f"{cfg_file} is not valid JSON: {e}") from None
+    if raw.get("model_type") != "blip-2":
+        raise Blip2Error(f"{path} holds a {raw.get('model_type')!r} model, not a BLIP-2 ('blip-2') checkpoint")
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    if not weights:
+        raise Blip2Error(f"{path} has no weight files (*.safetensors or *.bin)")
+    config = Blip2Config.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if config.image_token_index is None:
+        # Older published checkpoints predate the <image> placeholder; generate in transformers 5 needs one.
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        if image_id is None or image_id == tokenizer.unk_token_id:
+            tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+            image_id = tokenizer.convert_tokens_to_ids("<image>")
+        config.image_token_index = image_id
+    model = Blip2ForConditionalGeneration.from_pretrained(path, config=config, dtype=torch.float32)
+    model.eval()
+    if (path / "preprocessor_config.json").is_file():
+        image_processor = BlipImageProcessor.from_pretrained(path)
+    else:
+        image_processor = BlipImageProcessor(
+            size={"height": config.vision_config.image_size, "width": config.vision_config.image_size},
+            resample=3, image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+        )
+    return model, tokenizer, image_processor
+
+
+def checkpoint_identity(path: str | Path) -> str:
+    """sha256 over the checkpoint's weight files (names and bytes), for the manifest."""
+    import hashlib
+
+    from runtime.integrity import sha256_file
+
+    h = hashlib.sha256()
+    files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()

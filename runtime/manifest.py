@@ -1,0 +1,343 @@
+"""The bundle manifest: the only contract between export and run.
+
+``manifest.json`` at the root of a bundle says which graphs exist (per precision), their IO (from
+``runtime.contract``), the min/opt/max of every dynamic dim, checksums of every file, the model facts
+the runtime needs, preprocessing and default generation settings. Everything that reads a bundle goes
+through :func:`load_manifest`, which validates it and explains what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime import contract
+from runtime.contract import Family, GraphIO, GraphName, TensorSpec
+from runtime.errors import BundleError
+from runtime.integrity import sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class DimRange:
+    min: int
+    opt: int
+    max: int
+
+    def check(self, name: str, value: int, flag: str | None = None) -> None:
+        from runtime.errors import LimitError
+
+        if not self.min <= value <= self.max:
+            hint = f"re-export or rebuild with a larger {flag}" if flag and value > self.max else None
+            raise LimitError(f"{name}={value} is outside the range this bundle supports [{self.min}, {self.max}]",
+                             hint=hint)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    file: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """A backend-specific build of a graph (TensorRT plan), valid only for the device it was built on."""
+
+    file: str
+    sha256: str
+    backend: str  # "trt"
+    device_name: str
+    compute_capability: str
+    backend_version: str
+    profile: dict[str, list[int]] = field(default_factory=dict)  # dim -> [min, opt, max]
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    name: str
+    file: str
+    sha256: str
+    io: GraphIO
+    precision: str = "fp32"
+    external_data: tuple[FileRecord, ...] = ()
+    engines: tuple[EngineRecord, ...] = ()
+    notes: dict[str, Any] = field(default_factory=dict)  # e.g. which nodes stay fp32, quantization settings
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    family: str  # contract.Family value
+    llm_type: str  # "opt", "t5", ... (transformers model_type of the text model)
+    num_query_tokens: int
+    image_size: int
+    patches: int
+    vision_hidden: int
+    qformer_hidden: int
+    llm_hidden: int
+    llm_layers: int
+    llm_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    image_token_id: int | None
+    decoder_start_token_id: int | None = None
+    embed_dim: int = 256  # retrieval feature size
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    height: int
+    width: int
+    resample: str = "bicubic"
+    rescale_factor: float = 1 / 255
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    convert_rgb: bool = True
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    model: ModelFacts
+    preprocess: Preprocess
+    generation: GenerationDefaults
+    dims: dict[str, DimRange]
+    graphs: dict[str, dict[str, GraphRecord]]  # precision -> graph name -> record
+    files: dict[str, FileRecord]  # role -> file (tokenizer, embed_tokens, ...)
+    source: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def family(self) -> Family:
+        return Family(self.model.family)
+
+    def precisions(self) -> list[str]:
+        return [p for p in PRECISIONS if p in self.graphs]
+
+    def graph(self, name: str | GraphName, precision: str = "fp32") -> GraphRecord:
+        name = GraphName(name).value
+        if precision not in self.graphs:
+            raise BundleError(
+                f"bundle has no {precision} graphs (it has: {', '.join(self.precisions())})",
+                hint=f"run 'blip2-export build BUNDLE --precision {precision}' first",
+            )
+        graphs = self.graphs[precision]
+        if name not in graphs:
+            raise BundleError(f"bundle has no {name!r} graph for {precision} (it has: {', '.join(graphs)})")
+        return graphs[name]
+
+    def required_graphs(self) -> list[GraphName]:
+        return REQUIRED_GRAPHS[self.family]
+
+    # -- (de)serialisation -----------------------------------------------------------------------
+    def to_json(self) -> dict:
+        def graph_json(g: GraphRecord) -> dict:
+            d = asdict(g)
+            d["io"] = {"inputs": [t.to_json() for t in g.io.inputs], "outputs": [t.to_json() for t in g.io.outputs]}
+            return d
+
+        return {
+            "format_version": self.format_version,
+            "source": self.source,
+            "versions": self.versions,
+            "model": asdict(self.model),
+            "preprocess": asdict(self.preprocess),
+            "generation": asdict(self.generation),
+            "dims": {k: asdict(v) for k, v in self.dims.items()},
+            "files": {k: asdict(v) for k, v in self.files.items()},
+            "graphs": {p: {n: graph_json(g) for n, g in gs.items()} for p, gs in self.graphs.items()},
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False)
+
+    @staticmethod
+    def from_json(d: dict) -> Manifest:
+        if not isinstance(d, dict):
+            raise BundleError("manifest.json must hold a JSON object")
+        version = d.get("format_version")
+        if not isinstance(version, int):
+            raise BundleError("manifest.json has no integer 'format_version'")
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {version} is newer than this blip2-export supports ({FORMAT_VERSION})",
+                hint="upgrade blip2-export, or re-export the bundle with this version",
+            )
+        if version < 1:
+            raise BundleError(f"bundle format version {version} is not valid")
+        try:
+            model = _build(ModelFacts, d["model"], tuples=("eos_token_ids",))
+            pre = _build(Preprocess, d["preprocess"], tuples=("mean", "std"))
+            gen = _build(GenerationDefaults, d.get("generation", {}))
+            dims = {str(k): _build(DimRange, v) for k, v in _mapping(d, "dims").items()}
+            files = {str(k): _build(FileRecord, v) for k, v in _mapping(d, "files").items()}
+            graphs: dict[str, dict[str, GraphRecord]] = {}
+            for prec, gs in _mapping(d, "graphs").items():
+                if prec not in PRECISIONS:
+                    raise BundleError(f"manifest names unknown precision {prec!r} (known: {', '.join(PRECISIONS)})")
+                graphs[prec] = {}
+                for name, g in dict(gs).items():
+                    io = GraphIO(
+                        tuple(TensorSpec.from_json(t) for t in g["io"]["inputs"]),
+                        tuple(TensorSpec.from_json(t) for t in g["io"]["outputs"]),
+                    )
+                    graphs[prec][name] = GraphRecord(
+                        name=str(g["name"]), file=str(g["file"]), sha256=str(g["sha256"]), io=io,
+                        precision=str(g.get("precision", prec)),
+                        external_data=tuple(_build(FileRecord, f) for f in g.get("external_data", [])),
+                        engines=tuple(_build(EngineRecord, e) for e in g.get("engines", [])),
+                        notes=dict(g.get("notes", {})),
+                    )
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BundleError(f"manifest.json is malformed: {type(e).__name__}: {e}") from None
+        m = Manifest(version, model, pre, gen, dims, graphs, files, dict(d.get("source", {})),
+                     dict(d.get("versions", {})))
+        m.validate()
+        return m
+
+    # -- validation ------------------------------------------------------------------------------
+    def expected_io(self, name: str, dtype: str = "float32") -> GraphIO:
+        """The IO ``runtime.contract`` declares for graph ``name`` given this model's facts."""
+        m = self.model
+        g = GraphName(name)
+        if g is GraphName.VISION:
+            return contract.vision_io(m.image_size, m.patches, m.vision_hidden, dtype)
+        if g is GraphName.QFORMER:
+            return contract.qformer_io(m.patches, m.vision_hidden, m.num_query_tokens, m.llm_hidden, dtype)
+        if g is GraphName.DECODER:
+            return contract.decoder_io(m.llm_hidden, m.llm_layers, m.llm_heads, m.head_dim, m.vocab_size, dtype)
+        if g is GraphName.ENCODER:
+            return contract.encoder_io(m.llm_hidden, dtype)
+        if g is GraphName.CROSS_KV:
+            return contract.cross_kv_io(m.llm_hidden, m.llm_layers, m.llm_heads, m.head_dim, dtype)
+        if g is GraphName.SEQ2SEQ_DECODER:
+            return contract.seq2seq_decoder_io(m.llm_hidden, m.llm_layers, m.llm_heads, m.head_dim,
+                                               m.vocab_size, dtype)
+        raise BundleError(f"graph {g.value!r} is not supported by this runtime version")
+
+    def validate(self) -> None:
+        try:
+            family = self.family
+        except ValueError:
+            raise BundleError(f"unknown model family {self.model.family!r} in manifest") from None
+        if "fp32" not in self.graphs:
+            raise BundleError("manifest has no fp32 graphs; the bundle is incomplete")
+        for g in REQUIRED_GRAPHS[family]:
+            if g.value not in self.graphs["fp32"]:
+                raise BundleError(f"manifest lists no {g.value!r} graph, which a {family.value} bundle needs")
+        for prec, graphs in self.graphs.items():
+            for name, rec in graphs.items():
+                try:
+                    GraphName(name)
+                except ValueError:
+                    raise BundleError(f"manifest lists unknown graph {name!r}") from None
+                got = [t.name for t in rec.io.inputs], [t.name for t in rec.io.outputs]
+                exp_io = self.expected_io(name)
+                exp = exp_io.input_names(), exp_io.output_names()
+                if got != exp:
+                    raise BundleError(f"{prec} graph {name!r} IO in the manifest does not match this runtime's "
+                                      f"contract (inputs {got[0]} vs {exp[0]})")
+        for io_dim in ("batch",):
+            if io_dim not in self.dims:
+                raise BundleError(f"manifest has no range for dim {io_dim!r}")
+
+
+REQUIRED_GRAPHS: dict[Family, list[GraphName]] = {
+    Family.DECODER_ONLY: [GraphName.VISION, GraphName.QFORMER, GraphName.DECODER],
+    Family.ENCODER_DECODER: [GraphName.VISION, GraphName.QFORMER, GraphName.ENCODER, GraphName.CROSS_KV,
+                             GraphName.SEQ2SEQ_DECODER],
+    Family.RETRIEVAL: [GraphName.VISION, GraphName.IMAGE_FEATURES, GraphName.TEXT_FEATURES, GraphName.ITM],
+}
+
+
+def _mapping(d: dict, key: str) -> dict:
+    v = d.get(key)
+    if not isinstance(v, dict):
+        raise BundleError(f"manifest.json field {key!r} must be an object")
+    return v
+
+
+def _build(cls, d: Any, tuples: tuple[str, ...] = ()):
+    if not isinstance(d, dict):
+        raise BundleError(f"manifest.json: expected an object for {cls.__name__}, got {type(d).__name__}")
+    known = set(cls.__dataclass_fields__)
+    kwargs = {k: (tuple(v) if k in tuples else v) for k, v in d.items() if k in known}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise BundleError(f"manifest.json: bad {cls.__name__}: {e}") from None
+
+
+def load_manifest(bundle: str | Path, *, verify: bool = True) -> Manifest:
+    """Read and validate ``bundle/manifest.json``; with ``verify`` check every file's size and sha256."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"bundle folder not found: {bundle}")
+    path = bundle / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{bundle} has no {MANIFEST_NAME}: not a blip2-export bundle (or an interrupted export)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from None
+    m = Manifest.from_json(raw)
+    if verify:
+        verify_files(bundle, m)
+    return m
+
+
+def iter_files(m: Manifest):
+    """Every (file name, sha256, size or None) the manifest vouches for."""
+    for rec in m.files.values():
+        yield rec.file, rec.sha256, rec.bytes
+    for graphs in m.graphs.values():
+        for g in graphs.values():
+            yield g.file, g.sha256, None
+            for ext in g.external_data:
+                yield ext.file, ext.sha256, ext.bytes
+            for e in g.engines:
+                yield e.file, e.sha256, None
+
+
+def verify_files(bundle: Path, m: Manifest) -> None:
+    for name, digest, size in iter_files(m):
+        p = bundle / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"manifest names a file outside the bundle: {name}")
+        if not p.is_file():
+            raise BundleError(f"bundle file missing: {name}", hint="re-export the bundle")
+        if size is not None and p.stat().st_size != size:
+            raise BundleError(f"bundle file {name} has {p.stat().st_size} bytes, the manifest says {size}: "
+                              "it was truncated or modified", hint="re-export the bundle")
+        if sha256_file(p) != digest:
+            raise BundleError(f"bundle file {name} does not match its checksum: it was modified or corrupted",
+                              hint="re-export the bundle")
+
+
+def file_record(bundle: Path, name: str) -> FileRecord:
+    p = Path(bundle) / name
+    return FileRecord(name, sha256_file(p), p.stat().st_size)

@@ -1,0 +1,169 @@
+"""Run a bundle: images -> visual prefix -> LLM generation, on any backend.
+
+    rt = Blip2Runtime("bundle/")
+    rt.caption("cat.jpg")
+    rt.generate(["a.jpg", "b.jpg"], ["Question: what is this? Answer:", ""], GenerationConfig(num_beams=3))
+    prefix = rt.image_features(["frame.jpg"])          # once per frame ...
+    rt.generate(prefix=prefix, prompts=["q1", "q2"])   # ... reused across prompts
+
+The runtime needs numpy, tokenizers and one backend (onnxruntime or TensorRT): no torch, no
+transformers. One instance can serve many threads: graph sessions are shared (ORT sessions are
+thread-safe for ``run``) and all per-request state (KV cache, masks) lives on the caller's stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends import create_backend
+from runtime.contract import Family, GraphName
+from runtime.errors import Blip2Error, InputError, LimitError
+from runtime.generation import GenerationConfig, StreamCallback, generate
+from runtime.manifest import Manifest, load_manifest
+from runtime.preprocess import ImageLike, preprocess
+from runtime.text import TextTokenizer, load_embeddings
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finished: bool  # ended on a stop token (else max_new_tokens was reached)
+
+
+class Blip2Runtime:
+    def __init__(self, bundle: str | Path, *, precision: str = "fp32", backend: str = "ort",
+                 verify: bool = True, **backend_options):
+        self.bundle = Path(bundle)
+        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
+        self.precision = precision
+        self.manifest.graph(self.manifest.required_graphs()[0], precision)  # fails early if missing
+        self.backend = create_backend(backend, **backend_options)
+        self.tokenizer = TextTokenizer(self.bundle / self.manifest.files["tokenizer"].file)
+        self.embed = load_embeddings(self.bundle / self.manifest.files["embed_tokens"].file) \
+            if "embed_tokens" in self.manifest.files else None
+        self._graphs: dict[str, object] = {}
+        import threading
+
+        self._load_lock = threading.Lock()
+
+    # -- graphs ------------------------------------------------------------------------------------
+    def graph(self, name: GraphName):
+        """The runner for ``name`` (loaded once, on first use)."""
+        if name.value not in self._graphs:
+            with self._load_lock:
+                if name.value not in self._graphs:
+                    rec = self.manifest.graph(name, self.precision)
+                    self._graphs[name.value] = self.backend.load(self.bundle, rec)
+        return self._graphs[name.value]
+
+    @property
+    def family(self) -> Family:
+        return self.manifest.family
+
+    # -- stages ------------------------------------------------------------------------------------
+    def pixel_values(self, images: Sequence[ImageLike]) -> np.ndarray:
+        return preprocess(list(images), self.manifest.preprocess)
+
+    def _check_batch(self, n: int) -> None:
+        if n < 1:
+            raise InputError("no images given")
+        self.manifest.dims["batch"].check("batch", n, "--max-batch")
+
+    def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        self._check_batch(pixel_values.shape[0])
+        return self.graph(GraphName.VISION).run({"pixel_values": pixel_values})["image_embeds"]
+
+    def image_features(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
+        """Visual prefix [B, num_query_tokens, llm_hidden] (vision + Q-Former + projection).
+
+        ``images`` may also be preprocessed pixel_values [B,3,H,W]."""
+        pv = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.pixel_values(images)
+        embeds = self.image_embeds(pv)
+        return self.graph(GraphName.QFORMER).run({"image_embeds": embeds})["visual_prefix"]
+
+    # -- generation --------------------------------------------------------------------------------
+    def generation_config(self, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
+        if config is None:
+            g = self.manifest.generation
+            config = GenerationConfig(max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,
+                                      do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k,
+                                      top_p=g.top_p, repetition_penalty=g.repetition_penalty,
+                                      length_penalty=g.length_penalty)
+        return config.with_(**overrides).validate()
+
+    def encode_prompts(self, prompts: Sequence[str], config: GenerationConfig) -> list[list[int]]:
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        m = self.manifest.model
+        limit = m.max_context
+        for p, i in zip(prompts, ids):
+            need = m.num_query_tokens + len(i) + config.max_new_tokens
+            if self.family is Family.DECODER_ONLY and need > limit:
+                raise LimitError(
+                    f"prompt of {len(i)} tokens + {m.num_query_tokens} visual tokens + max_new_tokens "
+                    f"{config.max_new_tokens} = {need} exceeds the bundle's context of {limit} positions",
+                    hint="shorten the prompt, lower --max-new-tokens, or re-export with a larger --max-context",
+                )
+        return ids
+
+    def generate(self, images: Sequence[ImageLike] | None = None, prompts: Sequence[str] | str | None = None,
+                 config: GenerationConfig | None = None, *, prefix: np.ndarray | None = None,
+                 stream: StreamCallback | None = None, **overrides) -> list[Generation]:
+        """Generate for a batch. ``prompts`` may be one string (used for every image) or one per image.
+
+        Pass ``prefix`` (from :meth:`image_features`) instead of ``images`` to reuse image features; a
+        prefix with one row is shared by every prompt.
+        """
+        config = self.generation_config(config, **overrides)
+        if prefix is None:
+            if images is None:
+                raise InputError("give images or a precomputed prefix")
+            prefix = self.image_features(images)
+        n = prefix.shape[0]
+        if prompts is None:
+            prompts = [""] * n
+        elif isinstance(prompts, str):
+            prompts = [prompts] * n
+        prompts = list(prompts)
+        if n == 1 and len(prompts) > 1:
+            prefix = np.repeat(prefix, len(prompts), axis=0)
+            n = len(prompts)
+        if len(prompts) != n:
+            raise InputError(f"{len(prompts)} prompts for {n} images: give one prompt, or one per image")
+        self._check_batch(n)
+        if config.num_beams > 1:
+            self.manifest.dims["batch"].check("batch x num_beams", n * config.num_beams, "--max-batch")
+        ids = self.encode_prompts(prompts, config)
+        model = self._step_model(prefix, ids)
+        m = self.manifest.model
+        seqs = generate(model, config, eos_token_ids=m.eos_token_ids, pad_token_id=m.pad_token_id, stream=stream)
+        return [Generation(self.tokenizer.decode(s.token_ids).strip(), s.token_ids, s.finished) for s in seqs]
+
+    def _step_model(self, prefix: np.ndarray, prompt_ids: list[list[int]]):
+        if self.family is Family.DECODER_ONLY:
+            from runtime.decoder_only import DecoderOnlyModel
+
+            return DecoderOnlyModel(self.manifest, self.graph(GraphName.DECODER), self._embed_table(), prefix,
+                                    prompt_ids)
+        if self.family is Family.ENCODER_DECODER:
+            from runtime.encoder_decoder import EncoderDecoderModel  # type: ignore[import-not-found]
+
+            return EncoderDecoderModel(self, prefix, prompt_ids)
+        raise Blip2Error(f"a {self.family.value} bundle does not generate text; use its retrieval API")
+
+    def _embed_table(self) -> np.ndarray:
+        if self.embed is None:
+            raise Blip2Error("bundle has no token embedding table")
+        return self.embed
+
+    def caption(self, image: ImageLike, prompt: str = "", **overrides) -> str:
+        return self.generate([image], [prompt], **overrides)[0].text
+
+    def ask(self, image: ImageLike, prompts: Sequence[str], **overrides) -> list[str]:
+        """Several prompts about one image: vision and Q-Former run once."""
+        prefix = self.image_features([image])
+        return [g.text for g in self.generate(prompts=list(prompts), prefix=prefix, **overrides)]

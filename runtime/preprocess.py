@@ -1,0 +1,127 @@
+"""Image loading and preprocessing, identical to the checkpoint's BLIP image processor.
+
+resize (PIL, on 8-bit RGB) -> rescale (1/255) -> normalize (mean/std) -> CHW float32, as
+transformers' ``BlipImageProcessor`` does; the settings come from the manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from runtime.errors import InputError
+from runtime.manifest import Preprocess
+
+ImageLike = Union[str, os.PathLike, bytes, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+
+# Refuse absurd images before decoding them (decompression bombs): 16k x 16k pixels.
+MAX_PIXELS = 16384 * 16384
+
+_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def load_image(src: ImageLike):
+    """Open ``src`` (path, bytes, HxWxC uint8 array or PIL image) as an RGB-ready PIL image.
+
+    EXIF orientation is applied. Raises ``InputError`` naming the problem for a missing, empty,
+    truncated or non-image file.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    if isinstance(src, Image.Image):
+        img = src
+    elif isinstance(src, np.ndarray):
+        return _from_array(src)
+    else:
+        name = "image bytes" if isinstance(src, (bytes, bytearray)) else str(src)
+        try:
+            if isinstance(src, (bytes, bytearray)):
+                img = Image.open(io.BytesIO(src))
+            else:
+                p = Path(src)
+                if not p.exists():
+                    raise InputError(f"image not found: {p}")
+                if p.is_dir():
+                    raise InputError(f"{p} is a folder, not an image file")
+                if p.stat().st_size == 0:
+                    raise InputError(f"image file is empty: {p}")
+                img = Image.open(p)
+            img.load()
+        except InputError:
+            raise
+        except UnidentifiedImageError:
+            raise InputError(f"{name} is not an image PIL can read (JPEG, PNG, ...)") from None
+        except Image.DecompressionBombError:
+            raise InputError(f"{name} is too large (over {MAX_PIXELS} pixels)") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise InputError(f"{name} is corrupt or truncated: {e}") from None
+    if img.width < 1 or img.height < 1:
+        raise InputError("image has no pixels")
+    if img.width * img.height > MAX_PIXELS:
+        raise InputError(f"image of {img.width}x{img.height} is too large (over {MAX_PIXELS} pixels)")
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block should not reject a decodable image
+        pass
+    return img
+
+
+def _from_array(arr: np.ndarray):
+    from PIL import Image
+
+    a = np.asarray(arr)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise InputError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4; got shape {tuple(arr.shape)}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise InputError("image array has no pixels")
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating):
+            if not np.isfinite(a).all():
+                raise InputError("image array contains NaN or Inf")
+            a = np.clip(a * 255.0 if a.max() <= 1.0 else a, 0, 255).round().astype(np.uint8)
+        else:
+            a = np.clip(a, 0, 255).astype(np.uint8)
+    if a.shape[2] == 1:
+        return Image.fromarray(a[:, :, 0], mode="L")
+    return Image.fromarray(a, mode="RGB" if a.shape[2] == 3 else "RGBA")
+
+
+def to_rgb(img):
+    """Convert any PIL mode to 8-bit RGB (16-bit and float images are scaled, not clipped)."""
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / hi * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return img.convert("RGBA").convert("RGB")
+    return img.convert("RGB")
+
+
+def preprocess(images: list, cfg: Preprocess) -> np.ndarray:
+    """Images (anything :func:`load_image` takes) -> pixel_values float32 [B, 3, H, W]."""
+    out = np.empty((len(images), 3, cfg.height, cfg.width), dtype=np.float32)
+    mean = np.asarray(cfg.mean, dtype=np.float64)[:, None, None]
+    std = np.asarray(cfg.std, dtype=np.float64)[:, None, None]
+    for i, src in enumerate(images):
+        img = load_image(src)
+        if cfg.convert_rgb:
+            img = to_rgb(img)
+        img = img.resize((cfg.width, cfg.height), resample=_RESAMPLE.get(cfg.resample, 3))
+        a = np.asarray(img, dtype=np.uint8)
+        if a.ndim == 2:
+            a = np.repeat(a[:, :, None], 3, axis=2)
+        chw = a.transpose(2, 0, 1).astype(np.float64) * cfg.rescale_factor
+        out[i] = ((chw.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32))
+    return out
