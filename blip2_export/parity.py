@@ -1,0 +1,267 @@
+"""Eager transformers model vs bundle runtime, on the same images and prompts.
+
+Per stage (preprocess, vision, visual prefix): max abs diff and cosine. Per generation: token-exact
+agreement with ``Blip2ForConditionalGeneration.generate``, the first divergence step, and the max
+logits difference along the eager model's token path (teacher-forced, so one early flip does not
+hide how close the rest is). Thresholds per precision live in :data:`THRESHOLDS` (and README).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import Blip2Error
+from runtime.generation import GenerationConfig
+
+DEFAULT_PROMPTS = ("", "a photo of", "Question: what is in the picture? Answer:")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    stage_max_abs: float | None  # vision / prefix max abs diff (None: not checked)
+    stage_cosine: float  # minimum cosine similarity per stage
+    token_agreement: float  # minimum fraction of generated tokens equal to eager's
+
+
+# The one table of parity thresholds (README quotes it).
+THRESHOLDS: dict[str, Thresholds] = {
+    "fp32": Thresholds(stage_max_abs=1e-4, stage_cosine=0.99999, token_agreement=1.0),
+    "fp16": Thresholds(stage_max_abs=None, stage_cosine=0.999, token_agreement=0.95),
+    "int8": Thresholds(stage_max_abs=None, stage_cosine=0.98, token_agreement=0.85),
+}
+
+
+@dataclass
+class StageResult:
+    name: str
+    max_abs: float
+    cosine: float
+    ok: bool
+
+
+@dataclass
+class GenResult:
+    image: str
+    prompt: str
+    eager_ids: list[int]
+    runtime_ids: list[int]
+    agree_tokens: int
+    total_tokens: int
+    first_divergence: int | None  # step index, None when identical
+    max_logits_diff: float | None
+    eager_text: str
+    runtime_text: str
+
+
+@dataclass
+class ParityReport:
+    precision: str
+    backend: str
+    num_beams: int
+    batch: int
+    max_new_tokens: int
+    thresholds: Thresholds
+    stages: list[StageResult] = field(default_factory=list)
+    generations: list[GenResult] = field(default_factory=list)
+
+    @property
+    def token_agreement(self) -> float:
+        total = sum(g.total_tokens for g in self.generations)
+        return sum(g.agree_tokens for g in self.generations) / total if total else 1.0
+
+    @property
+    def exact_sequences(self) -> int:
+        return sum(g.first_divergence is None for g in self.generations)
+
+    @property
+    def nonfinite(self) -> bool:
+        return any(not np.isfinite(s.max_abs) for s in self.stages)
+
+    @property
+    def ok(self) -> bool:
+        return (all(s.ok for s in self.stages) and self.token_agreement >= self.thresholds.token_agreement
+                and not self.nonfinite)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(token_agreement=self.token_agreement, exact_sequences=self.exact_sequences, ok=self.ok)
+        return d
+
+    def render(self) -> str:
+        t = self.thresholds
+        lines = [f"parity: {self.precision} on {self.backend}, beams={self.num_beams}, batch={self.batch}, "
+                 f"{self.max_new_tokens} new tokens", "", "stage            max_abs_diff   cosine      ok"]
+        for s in self.stages:
+            lines.append(f"{s.name:<16} {s.max_abs:<14.3e} {s.cosine:<11.7f} {'yes' if s.ok else 'NO'}")
+        lines.append("")
+        n = len(self.generations)
+        divs = [g.first_divergence for g in self.generations if g.first_divergence is not None]
+        ld = [g.max_logits_diff for g in self.generations if g.max_logits_diff is not None]
+        lines.append(f"generations: {self.exact_sequences}/{n} token-identical, token agreement "
+                     f"{self.token_agreement:.4f} (need >= {t.token_agreement})")
+        if divs:
+            lines.append(f"first divergence steps: {sorted(divs)}")
+        if ld:
+            lines.append(f"max logits diff along the eager path: {max(ld):.3e}")
+        for g in self.generations[:3]:
+            lines.append(f"  [{g.image} | {g.prompt!r}] eager: {g.eager_text!r}  runtime: {g.runtime_text!r}")
+        lines.append("")
+        lines.append("PASS" if self.ok else "FAIL")
+        return "\n".join(lines)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den else 1.0
+
+
+def _stage(name: str, ref: np.ndarray, got: np.ndarray, t: Thresholds) -> StageResult:
+    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    if not np.isfinite(got).all():
+        max_abs = float("inf")
+    cos = _cosine(ref, got)
+    ok = cos >= t.stage_cosine and (t.stage_max_abs is None or max_abs <= t.stage_max_abs)
+    return StageResult(name, max_abs, cos, bool(ok and np.isfinite(max_abs)))
+
+
+def list_images(folder: str | Path | None, count: int = 8) -> list:
+    """Image files in ``folder`` (sorted), or ``count`` deterministic synthetic images."""
+    from PIL import Image
+
+    if folder is None:
+        rng = np.random.default_rng(0)
+        out = []
+        for i in range(count):
+            h, w = 48 + 8 * (i % 3), 64 - 4 * (i % 4)
+            base = rng.integers(0, 256, size=(1, 1, 3))
+            a = np.clip(base + rng.normal(0, 40, size=(h, w, 3)), 0, 255).astype(np.uint8)
+            img = Image.fromarray(a)
+            img.filename = f"synthetic-{i}"  # type: ignore[attr-defined]
+            out.append(img)
+        return out
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise Blip2Error(f"images folder not found: {folder}")
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in exts)
+    if not files:
+        raise Blip2Error(f"no images (jpg, png, ...) in {folder}")
+    return files
+
+
+def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, prompts=DEFAULT_PROMPTS,
+               precision: str = "fp32", backend: str = "ort", num_beams: int = 1, batch: int = 1,
+               max_new_tokens: int = 32, model_and_tokenizer=None, progress: bool = False,
+               **backend_options) -> ParityReport:
+    import torch
+
+    from blip2_export.modelzoo import load_checkpoint
+    from runtime.decoder_only import DecoderOnlyModel
+    from runtime.pipeline import Blip2Runtime
+    from runtime.preprocess import load_image
+
+    if precision not in THRESHOLDS:
+        raise Blip2Error(f"unknown precision {precision!r}; choose one of: {', '.join(THRESHOLDS)}")
+    model, tokenizer, processor = model_and_tokenizer or load_checkpoint(checkpoint)
+    model = model.float().eval()
+    rt = Blip2Runtime(bundle, precision=precision, backend=backend, **backend_options)
+    t = THRESHOLDS[precision]
+    report = ParityReport(precision, backend, num_beams, batch, max_new_tokens, t)
+    files = list(images) if images is not None else list_images(None)
+    names = [str(getattr(f, "filename", f)) if not isinstance(f, (str, Path)) else Path(f).name for f in files]
+    pil = [load_image(f) for f in files]
+
+    # stages
+    pv_ref = processor(pil, return_tensors="pt")["pixel_values"].float()
+    pv = rt.pixel_values(pil)
+    report.stages.append(_stage("preprocess", pv_ref.numpy(), pv, THRESHOLDS["fp32"]))
+    with torch.no_grad():
+        emb_ref = model.vision_model(pixel_values=pv_ref, return_dict=True).last_hidden_state
+        from blip2_export.graphs import QFormerGraph
+
+        prefix_ref = QFormerGraph(model)(emb_ref)
+    emb = np.concatenate([rt.image_embeds(pv[i:i + 1]) for i in range(len(pil))])
+    prefix = np.concatenate([rt.image_features(pv[i:i + 1]) for i in range(len(pil))])
+    report.stages.append(_stage("vision", emb_ref.numpy(), emb, t))
+    report.stages.append(_stage("visual_prefix", prefix_ref.numpy(), prefix, t))
+
+    # generation: eager one sample at a time (the reference), runtime in batches of `batch`
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
+    jobs = [(i, p) for i in range(len(pil)) for p in prompts]
+    nq, image_id = model.config.num_query_tokens, model.config.image_token_index
+    decoder_only = model.config.use_decoder_only_language_model
+    it = range(0, len(jobs), batch)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="parity", unit="batch")
+    for start in it:
+        chunk = jobs[start:start + batch]
+        got = rt.generate(prompts=[p for _, p in chunk], prefix=prefix[[i for i, _ in chunk]], config=cfg)
+        for (i, p), g in zip(chunk, got):
+            text_ids = tokenizer(p).input_ids
+            ids = torch.tensor([[image_id] * nq + text_ids]) if decoder_only else torch.tensor([text_ids])
+            with torch.no_grad():
+                out = model.generate(pixel_values=pv_ref[i:i + 1], input_ids=ids,
+                                     attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, num_beams=num_beams)
+            ref = out[0, ids.shape[1]:].tolist() if decoder_only else out[0, 1:].tolist()
+            ref = _trim(ref, model.config.text_config.eos_token_id, rt.manifest.model.pad_token_id)
+            agree = sum(a == b for a, b in zip(ref, g.token_ids))
+            first = next((k for k, (a, b) in enumerate(zip(ref, g.token_ids)) if a != b), None)
+            if first is None and len(ref) != len(g.token_ids):
+                first = min(len(ref), len(g.token_ids))
+            ld = None
+            if decoder_only and ref:
+                ld = _forced_logits_diff(model, rt, DecoderOnlyModel, prefix[i:i + 1], prefix_ref[i:i + 1],
+                                         text_ids, ref)
+            report.generations.append(GenResult(
+                names[i], p, ref, g.token_ids, agree, max(len(ref), len(g.token_ids)), first, ld,
+                tokenizer.decode(ref, skip_special_tokens=True).strip(), g.text))
+    return report
+
+
+def _trim(ids: list[int], eos, pad: int) -> list[int]:
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    out = []
+    for tok in ids:
+        out.append(tok)
+        if tok in eos_ids:
+            break
+    return out
+
+
+def _forced_logits_diff(model, rt, model_cls, prefix, prefix_ref, text_ids, ref) -> float:
+    """Max |logits| difference over the steps when both follow the eager model's tokens."""
+    import torch
+
+    from runtime.contract import GraphName
+
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        forced = torch.tensor([list(text_ids) + ref[:-1]], dtype=torch.long)
+        embeds = torch.cat([prefix_ref, emb(forced)], dim=1)
+        logits_ref = model.language_model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2],
+                                          dtype=torch.long)).logits
+    start = prefix_ref.shape[1] + len(text_ids) - 1
+    logits_ref = logits_ref[0, start:].float().numpy()
+    sm = model_cls(rt.manifest, rt.graph(GraphName.DECODER), rt.embed, prefix, [list(text_ids)])
+    logits, state = sm.prefill()
+    diffs = [float(np.abs(logits[0] - logits_ref[0]).max())]
+    for k, tok in enumerate(ref[:-1], start=1):
+        logits, state = sm.step(np.array([tok]), state)
+        diffs.append(float(np.abs(logits[0] - logits_ref[k]).max()))
+    return max(diffs)
+
+
+def save_report(report: ParityReport, path: str | Path) -> None:
+    from runtime.integrity import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report.to_json(), indent=2))

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random BLIP-2 checkpoints and their bundles, built once per test session.
+
+Add area-specific fixtures in your own test module (or a ``tests/fixtures_*.py`` plugin) rather than here.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from blip2_export.modelzoo import make_random_checkpoint
+
+    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-opt", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory):
+    from blip2_export.export import ExportConfig, export_bundle
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "tiny-opt",
+                         ExportConfig(max_context=128), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    from blip2_export.modelzoo import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    """A private copy of the tiny bundle that a test may damage."""
+    import shutil
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
