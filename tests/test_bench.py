@@ -1,0 +1,97 @@
+"""``blip2-export bench`` on the tiny bundle: what it writes (timings themselves are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from blip2_export.bench import (
+    STAGES,
+    BenchConfig,
+    kv_bytes,
+    memory_bandwidth,
+    onnx_weight_bytes,
+    parse_backend,
+    percentiles,
+    run_bench,
+)
+from blip2_export.cli import main
+from runtime.errors import Blip2Error
+from runtime.manifest import load_manifest
+
+
+@pytest.fixture(scope="module")
+def report_dir(tiny_checkpoint, tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "report"
+    code = main(["bench", str(tiny_checkpoint), str(tiny_bundle), "--backends", "eager,ort-fp32,ort-int8,trt-fp16",
+                 "--batch", "1,2", "--contexts", "16,40", "--new-tokens", "4", "--repeats", "1", "--warmup", "0",
+                 "--decode-steps", "2", "--threads", "1", "-o", str(out)])
+    assert code == 0
+    return out
+
+
+def test_bench_writes_json_markdown_and_plot(report_dir):
+    r = json.loads((report_dir / "report.json").read_text())
+    assert {"machine", "settings", "model", "bandwidth_gb_s", "backends", "targets"} <= set(r)
+    assert r["bandwidth_gb_s"] > 0 and r["settings"]["threads"] == 1
+    for spec in ("eager", "ort-fp32"):
+        b = r["backends"][spec]
+        assert b["status"] == "ok" and b["weight_bytes"] > 0
+        assert set(b["e2e"]) == {"1", "2"}
+        for e in b["e2e"].values():
+            assert set(e["stages_ms"]) == set(STAGES)
+            d = e["stages_ms"]["decode_per_token"]
+            assert d["n"] == 3 and d["p50"] <= d["p90"] <= d["p99"]  # new_tokens - 1 steps, one run
+            assert e["tokens_per_s"] > 0
+        assert [(s["batch"], s["context"]) for s in b["decode_sweep"]] == [(1, 16), (1, 40), (2, 16), (2, 40)]
+        assert all(0 < s["roofline_ms"] and s["roofline_fraction"] > 0 for s in b["decode_sweep"])
+        assert b["peak_rss_mb"] > 0
+    assert r["backends"]["ort-fp32"]["kv_cache"] == "shared_buffer"
+    assert r["backends"]["eager"]["e2e"]["1"]["e2e_vs_eager"] == pytest.approx(1.0)
+    assert r["backends"]["ort-fp32"]["e2e"]["1"]["e2e_vs_eager"] > 0
+    assert r["backends"]["ort-int8"] == {"status": "skipped", "reason": r["backends"]["ort-int8"]["reason"]}
+    assert "no int8 graphs" in r["backends"]["ort-int8"]["reason"]
+    assert r["backends"]["trt-fp16"]["reason"] == "not available here: tensorrt not installed"
+    names = [t["target"] for t in r["targets"]]
+    assert any(n.startswith("ort-fp32 end to end") for n in names)
+    assert any("roofline" in n for n in names) and any("context 40" in n for n in names)
+    md = (report_dir / "report.md").read_text()
+    assert "| ort-fp32 | 1 |" in md and "| eager | 2 |" in md and "roofline" in md
+    assert "`trt-fp16`: skipped, not available here: tensorrt not installed" in md
+    assert (report_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_and_inputs_are_checked_before_running(tiny_bundle):
+    with pytest.raises(Blip2Error, match="unknown backend 'ort-fp8'"):
+        BenchConfig(backends=("ort-fp8",)).validate()
+    with pytest.raises(Blip2Error, match="--new-tokens"):
+        BenchConfig(new_tokens=1).validate()
+    with pytest.raises(Blip2Error, match="--contexts"):  # tiny bundle: 128 positions
+        run_bench(None, tiny_bundle, BenchConfig(backends=("ort-fp32",), contexts=(64, 500), progress=False))
+    assert parse_backend("eager") == ("eager", "fp32") and parse_backend("trt-fp16") == ("trt", "fp16")
+
+
+def test_cli_rejects_a_bad_list(tiny_bundle, tmp_path, capsys):
+    code = main(["bench", str(tmp_path), str(tiny_bundle), "--batch", "1,x", "-o", str(tmp_path / "r")])
+    assert code != 0 and not (tmp_path / "r").exists()
+
+
+def test_roofline_inputs(tiny_bundle):
+    import onnx
+    from onnx import numpy_helper
+
+    m = load_manifest(tiny_bundle)
+    path = tiny_bundle / "decoder.onnx"
+    model = onnx.load(str(path))
+    sizes = {t.name: numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
+    gathered = [n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in sizes]
+    assert gathered  # OPT's position table: a step reads one row of it, not the whole table
+    assert onnx_weight_bytes(path) == sum(sizes.values()) - sum(sizes[g] for g in set(gathered))
+    assert onnx_weight_bytes(path) >= m.model.llm_hidden * m.model.vocab_size * 4  # at least the LM head
+    assert kv_bytes(m.model, 10, 2, 4) == 2 * m.model.llm_layers * 2 * m.model.llm_heads * 10 * m.model.head_dim * 4
+    p = percentiles([0.001, 0.002, 0.003, 0.004])
+    assert p["p50"] == pytest.approx(2.5) and p["n"] == 4 and p["p99"] <= 4.0
+    assert np.isnan(percentiles([])["p50"])
+    assert memory_bandwidth(1, mbytes=8, tries=1) > 1e8

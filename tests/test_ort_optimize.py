@@ -1,0 +1,144 @@
+"""The ORT engine build of the decoder: fused GroupQueryAttention with a KV cache updated in place."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from engines.ort_optimize import (
+    KV_SHARED,
+    PatternError,
+    add_ort_engines,
+    attach_ort_engine,
+    fuse_decoder_attention,
+)
+from runtime.contract import GraphName
+from runtime.decoder_only import DecoderOnlyModel
+from runtime.manifest import load_manifest
+from runtime.pipeline import Blip2Runtime
+
+PROMPTS = [[7, 8, 9, 10, 11], [12], []]  # three rows of different lengths
+
+
+def _runtime(bundle, engines: bool) -> Blip2Runtime:
+    return Blip2Runtime(bundle, engines=engines, threads=1)
+
+
+def _prefix(rt, rows: int) -> np.ndarray:
+    m = rt.manifest.model
+    return np.random.default_rng(0).normal(size=(rows, m.num_query_tokens, m.llm_hidden)).astype(np.float32)
+
+
+def test_export_writes_an_engine_with_fused_attention(tiny_bundle):
+    m = load_manifest(tiny_bundle)
+    rec = m.graph(GraphName.DECODER)
+    info = rec.notes["ort_engine"]
+    assert info["kv_cache"] == KV_SHARED and info["layers_fused"] == m.model.llm_layers
+    assert [e.file for e in rec.engines if e.backend == "ort"] == [info["file"]]
+    g = onnx.load(str(tiny_bundle / info["file"])).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("GroupQueryAttention") == m.model.llm_layers
+    assert "Softmax" not in ops and "Concat" not in [n.op_type for n in g.node if n.output[0].startswith("present")]
+    for n in g.node:  # the cache is read by the fused attention only
+        if any(x.startswith("past.") for x in n.input):
+            assert n.op_type == "GroupQueryAttention"
+    assert [i.name for i in g.input] == [t.name for t in rec.io.inputs]  # the contract's names are kept
+
+
+def test_backend_loads_the_engine_only_when_asked(tiny_bundle):
+    on, off = _runtime(tiny_bundle, True).graph(GraphName.DECODER), _runtime(tiny_bundle, False).graph(GraphName.DECODER)
+    assert (on.kv_cache, off.kv_cache) == (KV_SHARED, "concat")
+    assert on.engine == "decoder.ort.onnx" and off.engine is None
+
+
+def _teacher_forced(rt, steps: int, max_new_tokens, select_at: int | None = None):
+    """Logits of prefill + ``steps`` fixed tokens (and one beam-style row reorder at ``select_at``)."""
+    sm = DecoderOnlyModel(rt.manifest, rt.graph(GraphName.DECODER), rt.embed, _prefix(rt, len(PROMPTS)), PROMPTS,
+                          max_new_tokens=max_new_tokens)
+    logits, state = sm.prefill()
+    out = [logits]
+    rows = len(PROMPTS)
+    for k in range(steps):
+        if select_at == k:
+            order = np.array([2, 0, 0])
+            state = sm.select(state, order)
+        logits, state = sm.step(np.full(rows, 10 + k % 20, dtype=np.int64), state)
+        out.append(logits)
+    return np.stack(out)
+
+
+def test_engine_logits_match_the_portable_graph(tiny_bundle):
+    ref = _teacher_forced(_runtime(tiny_bundle, False), 6, 6)
+    got = _teacher_forced(_runtime(tiny_bundle, True), 6, 6)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_in_place_cache_grows_and_reorders_rows(tiny_bundle):
+    """Without max_new_tokens the cache starts small and must grow; select gathers rows like beam search."""
+    steps = 80  # more than the first capacity (prompt + 64, rounded)
+    ref = _teacher_forced(_runtime(tiny_bundle, False), steps, None, select_at=3)
+    rt = _runtime(tiny_bundle, True)
+    got = _teacher_forced(rt, steps, None, select_at=3)
+    np.testing.assert_allclose(got, ref, atol=5e-5, rtol=1e-4)
+
+
+def test_generate_is_identical_with_and_without_the_engine(tiny_bundle):
+    imgs = [np.random.default_rng(i).integers(0, 256, size=(40, 40, 3), dtype=np.uint8) for i in range(3)]
+    prompts = ["", "a photo of", "question : what is in the picture ? answer :"]
+    for beams in (1, 2):
+        a = _runtime(tiny_bundle, True).generate(imgs, prompts, max_new_tokens=12, num_beams=beams)
+        b = _runtime(tiny_bundle, False).generate(imgs, prompts, max_new_tokens=12, num_beams=beams)
+        assert [g.token_ids for g in a] == [g.token_ids for g in b]
+
+
+def test_binding_writes_outputs_into_caller_buffers(tiny_bundle):
+    dec = _runtime(tiny_bundle, True).graph(GraphName.DECODER)
+    m = load_manifest(tiny_bundle).model
+    buf = {f"past.{i}.{k}": np.zeros((1, m.llm_heads, 8, m.head_dim), np.float32)
+           for i in range(m.llm_layers) for k in ("key", "value")}
+    b = dec.binding()
+    b.output("logits")
+    for name, arr in buf.items():
+        b.input(name, arr)
+        b.output(name.replace("past", "present"), arr)
+    b.input("inputs_embeds", np.ones((1, 3, m.llm_hidden), np.float32))
+    b.input("attention_mask", np.ones((1, 3), np.int64))
+    b.input("position_ids", np.arange(3)[None])
+    calls = dec.calls
+    out = b.run()
+    assert set(out) == {"logits"} and out["logits"].shape == (1, 3, m.vocab_size)
+    assert dec.calls == calls + 1
+    assert np.abs(buf["past.0.key"][0, :, :3]).sum() > 0 and not buf["past.0.key"][0, :, 3:].any()
+    with pytest.raises(Exception, match="C-contiguous"):
+        b.output("present.0.key", buf["past.0.key"][:, :, ::2])
+
+
+def test_graph_without_the_pattern_is_left_alone(tiny_bundle, tmp_path):
+    model = onnx.load(str(tiny_bundle / "vision.onnx"))
+    with pytest.raises(PatternError):
+        fuse_decoder_attention(model, layers=1, heads=2, head_dim=16)
+    m = load_manifest(tiny_bundle)
+    shutil.copy(tiny_bundle / "vision.onnx", tmp_path / "vision.onnx")
+    rec = m.graph(GraphName.VISION)
+    warnings = []
+    assert attach_ort_engine(tmp_path, rec, m.model, warn=warnings.append) is rec
+    assert warnings and "no ORT engine" in warnings[0]
+    with pytest.raises(PatternError, match="multiple of 8"):
+        fuse_decoder_attention(onnx.load(str(tiny_bundle / "decoder.onnx")), layers=2, heads=4, head_dim=12)
+
+
+def test_add_engines_to_an_existing_bundle(bundle_copy):
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    dec = raw["graphs"]["fp32"]["decoder"]
+    dec["engines"], dec["notes"] = [], {}
+    (bundle_copy / "decoder.ort.onnx").unlink()
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    assert _runtime(bundle_copy, True).graph(GraphName.DECODER).kv_cache == "concat"
+    assert add_ort_engines(bundle_copy) == ["fp32"]
+    assert add_ort_engines(bundle_copy) == []  # already there
+    load_manifest(bundle_copy, verify=True)  # checksums of the new engine are recorded
+    assert _runtime(bundle_copy, True).graph(GraphName.DECODER).kv_cache == KV_SHARED
