@@ -86,6 +86,62 @@ def _summary(bundle: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--precision", required=True, type=click.Choice(["fp16", "int8", "fp32"]),
+              help="fp16: fp16 weights/compute with fp32 islands (LayerNorm, softmax, Q-Former, logits). "
+                   "int8: Q/DQ int8 from calibration (vision, Q-Former) + weight-only int8 LLM. "
+                   "fp32: only with --backend trt (fp32 engines).")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt"]),
+              help="ort: write <graph>.<precision>.onnx for ONNX Runtime; trt: also build TensorRT engines "
+                   "(<graph>.<precision>.plan) for this GPU; auto: trt where TensorRT and a GPU exist, else ort.")
+@click.option("--calib-images", type=click.Path(path_type=Path), default=None,
+              help="int8: folder of calibration images (a few dozen like the ones the model will see).")
+@click.option("--calib-prompts", type=click.Path(path_type=Path), default=None,
+              help="int8: text file, one prompt per line (empty line = caption). Default: 4 built-in prompts.")
+@click.option("--calib-method", default="percentile", show_default=True,
+              type=click.Choice(["minmax", "percentile", "entropy"]),
+              help="int8: how activation ranges are taken from calibration data.")
+@click.option("--calib-percentile", default=99.99, show_default=True, help="int8 percentile calibration: cut-off.")
+@click.option("--calib-limit", default=64, show_default=True, help="int8: use at most this many images.")
+@click.option("--llm-int8", default="weight", show_default=True, type=click.Choice(["weight", "static"]),
+              help="int8 LLM graphs: weight-only int8 (faster decode, no int8 KV/attention) or calibrated Q/DQ.")
+@click.option("--max-batch", type=int, default=None,
+              help="trt: engine profile's largest batch (default: the bundle's).")
+@click.option("--max-context", type=int, default=None,
+              help="trt: engine profile's largest context in positions (default: the bundle's).")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="trt: timing cache file, read before and updated after each build (reuse across builds).")
+@click.option("--workspace", "workspace_mb", default=4096, show_default=True, help="trt: builder workspace, MB.")
+@click.option("--force", is_flag=True, help="Redo the ONNX transform even if the bundle has this precision.")
+def build(bundle, precision, backend, calib_images, calib_prompts, calib_method, calib_percentile, calib_limit,
+          llm_int8, max_batch, max_context, timing_cache, workspace_mb, force):
+    """Add --precision fp16|int8 graphs (and TensorRT engines) to BUNDLE, in place.
+
+    Precision lives in the graph: each fp32 graph becomes <graph>.<precision>.onnx, which ONNX Runtime
+    runs and TensorRT builds as a strongly typed network. The manifest records which layers stay in
+    higher precision. Check the result with 'blip2-export parity CHECKPOINT BUNDLE --precision ...'.
+
+    \b
+    Examples:
+      blip2-export build ./bundle --precision fp16
+      blip2-export build ./bundle --precision int8 --calib-images ./imgs
+      blip2-export build ./bundle --precision fp16 --backend trt --max-batch 4 --max-context 512 \\
+          --timing-cache ./cache
+      blip2-export run ./bundle --precision int8 --image x.jpg
+    """
+    from engines.build import BuildConfig, build_bundle
+
+    cfg = BuildConfig(precision=precision, backend=backend, max_batch=max_batch, max_context=max_context,
+                      timing_cache=timing_cache, workspace_mb=workspace_mb, calib_images=calib_images,
+                      calib_prompts=calib_prompts, calib_method=calib_method, calib_percentile=calib_percentile,
+                      calib_limit=calib_limit, llm_int8=llm_int8, force=force)
+    cfg.validate()
+    report = build_bundle(bundle, cfg, progress=True, echo=click.echo)
+    click.echo(report.render())
+
+
+# ------------------------------------------------------------------------------------------------
 def _generation_options(f):
     opts = [
         click.option("--max-new-tokens", type=int, default=None, help="Tokens to generate (default: manifest)."),
@@ -162,13 +218,36 @@ def run(bundle, images, prompts, precision, backend, threads, stream, as_json, *
 @click.option("--batch", default=1, show_default=True, help="Runtime batch size (eager runs one at a time).")
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the report as JSON.")
+@click.option("--texts", "texts_file", type=click.Path(path_type=Path), default=None,
+              help="Retrieval bundles: captions file, one per line. Default: 10 built-in captions.")
+@click.option("--rerank-top-k", default=4, show_default=True,
+              help="Retrieval bundles: compare the ITM re-ranking of the k best ITC candidates.")
 def parity(checkpoint, bundle, images_dir, prompts_file, precision, backend, num_beams, batch, max_new_tokens,
-           report):
+           report, texts_file, rerank_top_k):
     """Compare the eager CHECKPOINT with BUNDLE: per stage and per generation. Exit 1 on failure.
 
     Thresholds per precision (max abs diff / cosine per stage, token agreement) are in README.
+    For a retrieval bundle (stage-1 model): image/text features, the ITC similarity matrix and ITM
+    logits within 1e-4, and identical rankings.
     """
     from blip2_export.parity import DEFAULT_PROMPTS, list_images, run_parity, save_report
+    from runtime.contract import Family
+    from runtime.manifest import load_manifest
+
+    if load_manifest(bundle, verify=False).family is Family.RETRIEVAL:
+        from blip2_export.parity import DEFAULT_CAPTIONS, run_retrieval_parity
+        from runtime.retrieval import read_texts
+
+        texts = read_texts(texts_file) if texts_file is not None else DEFAULT_CAPTIONS
+        images = list_images(images_dir) if images_dir is not None else None
+        rrep = run_retrieval_parity(checkpoint, bundle, images=images, texts=texts, precision=precision,
+                                    backend=backend, rerank_top_k=rerank_top_k)
+        click.echo(rrep.render())
+        if report:
+            save_report(rrep, report)
+        if not rrep.ok:
+            sys.exit(1)
+        return
 
     prompts = DEFAULT_PROMPTS
     if prompts_file is not None:
@@ -217,6 +296,63 @@ def demo(out, preset, images, force):
     from blip2_export.demo import run_demo
 
     run_demo(out, preset=preset, images=list(images), force=force, echo=click.echo)
+
+
+# ------------------------------------------------------------------------------------------------
+def _int_list(ctx, param, value):
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--backends", default="eager,ort-fp32,ort-fp16,ort-int8", show_default=True,
+              help="Comma-separated: eager (transformers, torch fp32), ort-fp32|fp16|int8 (the bundle on ONNX "
+                   "Runtime), trt-fp16|... (TensorRT). Precisions the bundle lacks are skipped with a reason.")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
+              help="Batch sizes, e.g. 1,4: end to end at each, and decode at each context.")
+@click.option("--new-tokens", default=32, show_default=True, help="Tokens generated per run (min = max).")
+@click.option("--contexts", default="64,256,512", show_default=True, callback=_int_list,
+              help="Cached positions at which per-token decode is timed (visual tokens + prompt).")
+@click.option("--repeats", default=3, show_default=True, help="Measured runs per backend and batch.")
+@click.option("--warmup", default=1, show_default=True, help="Unmeasured runs first.")
+@click.option("--decode-steps", default=8, show_default=True, help="Measured decode steps per context point.")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch and ORT alike (default: all cores).")
+@click.option("--prompt", default="a photo of", show_default=True, help="Prompt used for every image.")
+@click.option("--model-preset", type=click.Choice(["tiny", "mid", "bench"]), default=None,
+              help="Build a random model of this preset at MODEL_DIR and export it to BUNDLE first (each only if "
+                   "missing). 'bench' is shaped like a real small BLIP-2: ViT-B/16 at 224 px, 12-layer Q-Former, "
+                   "OPT-125M-sized LLM; same seed, same weights, so anyone can reproduce the numbers.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True,
+              help="Folder for report.json, report.md (tables) and report.png (plot).")
+def bench(model_dir, bundle, backends, batches, new_tokens, contexts, repeats, warmup, decode_steps, threads,
+          prompt, model_preset, out):
+    """Time the eager MODEL_DIR checkpoint and BUNDLE's backends side by side, on the same inputs.
+
+    \b
+    Per stage (preprocess, vision, qformer, prefill, per-token decode, end to end): p50/p90/p99,
+    tokens/s, peak memory; decode vs context and batch; a memory-bandwidth roofline per decode step.
+    Reproduce the documented numbers (docs/benchmarks.md) with:
+      blip2-export bench bench-model bench-bundle --model-preset bench --batch 1,4
+    """
+    from blip2_export.bench import BenchConfig, build_bench_model, run_bench, write_report
+
+    cfg = BenchConfig(backends=tuple(b.strip() for b in backends.split(",") if b.strip()), batches=batches,
+                      new_tokens=new_tokens, contexts=contexts, warmup=warmup, repeats=repeats,
+                      decode_steps=decode_steps, threads=threads, prompt=prompt).validate()
+    if model_preset is not None:
+        need = max(max(contexts) + decode_steps + 2, 64 + new_tokens)
+        build_bench_model(model_dir, bundle, model_preset, max_context=-(-need // 64) * 64 + 64,
+                          max_batch=max(8, *batches), echo=click.echo)
+    report = run_bench(model_dir, bundle, cfg, echo=click.echo)
+    paths = write_report(report, out)
+    from blip2_export.bench import render_markdown
+
+    click.echo(render_markdown(report))
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,294 @@
+"""``blip2-export build``: put a precision into a bundle's graphs, and optionally build TensorRT engines.
+
+    build_bundle("bundle/", BuildConfig(precision="fp16"))                                 # ONNX Runtime
+    build_bundle("bundle/", BuildConfig(precision="int8", calib_images=Path("imgs")))
+    build_bundle("bundle/", BuildConfig(precision="fp16", backend="trt", timing_cache=Path("cache")))
+
+Steps: validate the config against the manifest (before any long work) -> for int8, record calibration
+inputs by running the fp32 bundle -> transform each fp32 graph (``engines.fp16`` / ``engines.int8``)
+into ``<graph>.<precision>.onnx`` -> for ``trt``, build ``<graph>.<precision>.plan`` from that ONNX ->
+rewrite ``manifest.json``. New files are written in a hidden staging folder inside the bundle and
+renamed into place just before the manifest is replaced (temp + rename), so an interrupted build
+leaves the bundle as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.errors import Blip2Error, BundleError
+from runtime.integrity import atomic_write_text
+from runtime.manifest import (
+    MANIFEST_NAME,
+    PRECISIONS,
+    DimRange,
+    GraphRecord,
+    Manifest,
+    file_record,
+    load_manifest,
+)
+
+BACKENDS = ("auto", "ort", "trt")
+IO_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
+# What each backend runs. fp32 needs no transform: ``build --precision fp32`` only makes sense for engines.
+BACKEND_PRECISIONS = {"ort": ("fp16", "int8"), "trt": ("fp32", "fp16", "int8")}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What ``blip2-export build`` does. :meth:`validate` runs before any long work."""
+
+    precision: str
+    backend: str = "auto"  # auto: trt where TensorRT and a GPU exist, else ort
+    max_batch: int | None = None  # engine profile max; default the manifest's
+    max_context: int | None = None  # engine profile max for seq/past/total; default the manifest's
+    timing_cache: Path | None = None  # TensorRT timing cache file, read and updated across builds
+    workspace_mb: int = 4096
+    calib_images: Path | None = None
+    calib_prompts: Path | None = None
+    calib_method: str = "percentile"
+    calib_percentile: float = 99.99
+    calib_limit: int = 64  # images used at most
+    llm_int8: str = "weight"  # LLM graphs: weight-only int8 ("weight") or calibrated Q/DQ ("static")
+    force: bool = False  # redo the ONNX transform even when the bundle already has this precision
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        from runtime.backends.trt import tensorrt_status
+
+        return "trt" if tensorrt_status() is None else "ort"
+
+    def validate(self, manifest: Manifest | None = None) -> None:
+        from engines.int8 import CalibMethod, Recipe
+
+        if self.precision not in PRECISIONS:
+            raise Blip2Error(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.backend not in BACKENDS:
+            raise Blip2Error(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        backend = self.resolved_backend()
+        if self.precision not in BACKEND_PRECISIONS[backend]:
+            if self.precision == "fp32":
+                raise Blip2Error("--precision fp32 has nothing to build for ONNX Runtime: the exported graphs "
+                                 "are fp32 already", hint="use --precision fp16 or int8, or --backend trt for "
+                                                          "fp32 TensorRT engines")
+            raise Blip2Error(f"backend {backend} cannot run --precision {self.precision}")
+        if backend == "trt":
+            from runtime.backends.trt import require_tensorrt
+
+            require_tensorrt()  # names the [trt] extra, or says there is no GPU
+        if self.max_batch is not None and self.max_batch < 1:
+            raise Blip2Error(f"--max-batch must be >= 1 (got {self.max_batch})")
+        if self.workspace_mb < 64:
+            raise Blip2Error(f"--workspace must be at least 64 MB (got {self.workspace_mb})")
+        if self.calib_method not in {m.value for m in CalibMethod}:
+            raise Blip2Error(f"--calib-method {self.calib_method!r} is not one of "
+                             f"{', '.join(m.value for m in CalibMethod)}")
+        if not 90.0 <= self.calib_percentile < 100.0:
+            raise Blip2Error(f"--calib-percentile must be in [90, 100) (got {self.calib_percentile})")
+        if self.llm_int8 not in {r.value for r in Recipe}:
+            raise Blip2Error(f"--llm-int8 {self.llm_int8!r} is not one of {', '.join(r.value for r in Recipe)}")
+        if self.timing_cache is not None and self.timing_cache.is_dir():
+            raise Blip2Error(f"--timing-cache must be a file path, not a folder: {self.timing_cache}")
+        if self.needs_transform(manifest) and self.precision == "int8":
+            if self.calib_images is None:
+                raise Blip2Error("int8 needs calibration images", hint="pass --calib-images DIR (a few dozen "
+                                                                       "images like the ones the model will see)")
+            from engines.calibration import list_calibration_images, read_prompts
+
+            list_calibration_images(self.calib_images)
+            read_prompts(self.calib_prompts)
+        if manifest is not None:
+            if self.max_batch is not None and self.max_batch > manifest.dims["batch"].max:
+                raise Blip2Error(f"--max-batch {self.max_batch} exceeds the bundle's batch limit "
+                                 f"{manifest.dims['batch'].max}", hint="re-export with a larger --max-batch")
+            ctx = manifest.model.max_context
+            if self.max_context is not None and not manifest.model.num_query_tokens < self.max_context <= ctx:
+                raise Blip2Error(f"--max-context {self.max_context} must be in ({manifest.model.num_query_tokens}, "
+                                 f"{ctx}] for this bundle", hint="re-export with a larger --max-context")
+            if self.precision in manifest.graphs and self.precision != "fp32" and not self.force \
+                    and backend == "ort":
+                raise Blip2Error(f"the bundle already has {self.precision} graphs",
+                                 hint="pass --force to rebuild them, or --backend trt to build engines from them")
+
+    def needs_transform(self, manifest: Manifest | None) -> bool:
+        if self.precision == "fp32":
+            return False
+        return manifest is None or self.precision not in manifest.graphs or self.force
+
+    def engine_dims(self, manifest: Manifest) -> dict[str, DimRange]:
+        """The manifest's dim ranges, narrowed by --max-batch / --max-context (engine profiles)."""
+        caps = {"batch": self.max_batch, "seq": self.max_context, "total": self.max_context,
+                "past": None if self.max_context is None else self.max_context - 1,
+                "enc_seq": self.max_context}
+        out = {}
+        for name, r in manifest.dims.items():
+            cap = caps.get(name)
+            hi = r.max if cap is None else min(cap, r.max)
+            out[name] = DimRange(r.min, min(max(r.opt, r.min), hi), hi)
+        return out
+
+
+@dataclass
+class GraphSize:
+    precision: str
+    graph: str
+    file: str
+    bytes: int
+    fp32_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes / self.fp32_bytes if self.fp32_bytes else float("nan")
+
+
+@dataclass
+class BuildReport:
+    bundle: Path
+    precision: str
+    backend: str
+    transformed: bool
+    sizes: list[GraphSize] = field(default_factory=list)
+    engines: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"built {self.precision} for {self.backend} in {self.bundle}"
+                 + ("" if self.transformed else f" (reused the bundle's {self.precision} graphs)"),
+                 f"  {'graph':<16} {'file':<26} {'MB':>9} {'fp32 MB':>9} {'ratio':>6}"]
+        for s in self.sizes:
+            lines.append(f"  {s.graph:<16} {s.file:<26} {s.bytes / 1e6:9.2f} {s.fp32_bytes / 1e6:9.2f} {s.ratio:6.2f}")
+        total = sum(s.bytes for s in self.sizes)
+        total32 = sum(s.fp32_bytes for s in self.sizes)
+        if total32:
+            lines.append(f"  {'all graphs':<16} {'':<26} {total / 1e6:9.2f} {total32 / 1e6:9.2f} "
+                         f"{total / total32:6.2f}")
+        for e in self.engines:
+            lines.append(f"  engine {e}")
+        return "\n".join(lines)
+
+
+def graph_bytes(bundle: Path, rec: GraphRecord) -> int:
+    return (bundle / rec.file).stat().st_size + sum(e.bytes for e in rec.external_data)
+
+
+def io_for(manifest: Manifest, name: str, precision: str):
+    """The contract's IO for ``name`` at ``precision`` (float IO dtype per :data:`IO_DTYPE`)."""
+    return manifest.expected_io(name, IO_DTYPE[precision])
+
+
+def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = True,
+                 echo: Callable[[str], None] | None = None) -> BuildReport:
+    bundle = Path(bundle)
+    say = echo or (lambda s: None)
+    manifest = load_manifest(bundle, verify=True)
+    config.validate(manifest)
+    backend = config.resolved_backend()
+    prec = config.precision
+    transformed = config.needs_transform(manifest)
+    stage = Path(tempfile.mkdtemp(prefix=f".build-{prec}.", suffix=".tmp", dir=bundle))
+    try:
+        graphs = dict(manifest.graphs.get(prec, {}))
+        if transformed:
+            graphs = _transform(bundle, stage, manifest, config, progress, say)
+        new_files = [f.name for f in stage.iterdir()]
+        engine_names: list[str] = []
+        if backend == "trt":
+            from engines.trt_builder import build_engines
+
+            graphs = build_engines(bundle, stage, graphs, config.engine_dims(manifest), config, progress=progress,
+                                   echo=say)
+            engine_names = [e.file for g in graphs.values() for e in g.engines]
+        # Commit: move the new files in, then replace the manifest (the only file that makes them count).
+        old_files = _files_of(manifest.graphs.get(prec, {})) if transformed else set()
+        for f in stage.iterdir():
+            os.replace(f, bundle / f.name)
+        new_graphs = {**manifest.graphs, prec: graphs}
+        updated = dataclasses.replace(manifest, graphs=new_graphs)
+        updated.validate()
+        atomic_write_text(bundle / MANIFEST_NAME, updated.dumps())
+        for stale in old_files - _files_of(graphs) - set(new_files):
+            (bundle / stale).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    final = load_manifest(bundle, verify=True)
+    report = BuildReport(bundle, prec, backend, transformed, engines=engine_names)
+    for name, rec in final.graphs[prec].items():
+        fp32 = final.graphs["fp32"].get(name)
+        report.sizes.append(GraphSize(prec, name, rec.file, graph_bytes(bundle, rec),
+                                      graph_bytes(bundle, fp32) if fp32 else 0))
+    return report
+
+
+def _files_of(graphs: dict[str, GraphRecord]) -> set[str]:
+    out = set()
+    for g in graphs.values():
+        out.add(g.file)
+        out.update(e.file for e in g.external_data)
+        out.update(e.file for e in g.engines)
+    return out
+
+
+def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfig, progress: bool,
+               say: Callable[[str], None]) -> dict[str, GraphRecord]:
+    from engines.onnx_utils import save_model_atomic
+
+    prec = config.precision
+    names = list(manifest.graphs["fp32"])
+    calib = None
+    if prec == "int8":
+        from engines.calibration import collect, list_calibration_images, read_prompts
+        from engines.int8 import Recipe, default_recipe
+
+        static = [n for n in names if (Recipe(config.llm_int8) if default_recipe(n) is Recipe.WEIGHT
+                                       else Recipe.STATIC) is Recipe.STATIC]
+        images = list_calibration_images(config.calib_images, config.calib_limit)  # type: ignore[arg-type]
+        prompts = read_prompts(config.calib_prompts)
+        say(f"calibrating on {len(images)} images x {len(prompts)} prompts ({config.calib_method}) "
+            f"for {', '.join(static)}")
+        calib = collect(bundle, images, prompts, progress=progress)
+    it = names
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(names, desc=f"{prec} graphs", unit="graph")
+    out: dict[str, GraphRecord] = {}
+    for name in it:
+        src = manifest.graphs["fp32"][name]
+        io = io_for(manifest, name, prec)
+        if prec == "fp16":
+            from engines.fp16 import FP32_GRAPHS, convert_fp16
+
+            r16 = convert_fp16(bundle / src.file, name, io, manifest.model.llm_type)
+            model, notes = r16.model, r16.notes(name in FP32_GRAPHS)
+        else:
+            from engines.int8 import (
+                CalibMethod,
+                Recipe,
+                default_recipe,
+                quantize_static_graph,
+                quantize_weights,
+            )
+
+            recipe = Recipe(config.llm_int8) if default_recipe(name) is Recipe.WEIGHT else Recipe.STATIC
+            if recipe is Recipe.WEIGHT:
+                r8 = quantize_weights(bundle / src.file, name, io)
+            else:
+                assert calib is not None
+                r8 = quantize_static_graph(bundle / src.file, name, io, calib.feeds.get(name, []),
+                                           CalibMethod(config.calib_method), config.calib_percentile,
+                                           progress=False)
+                if calib.count(name) == 0:
+                    raise BundleError(f"calibration recorded no inputs for graph {name!r}")
+            model, notes = r8.model, r8.notes
+        file = f"{name}.{prec}.onnx"
+        ext = save_model_atomic(model, stage / file)
+        rec = file_record(stage, file)
+        out[name] = GraphRecord(name=name, file=file, sha256=rec.sha256, io=io, precision=prec,
+                                external_data=tuple(file_record(stage, e) for e in ext), notes=notes)
+    return out

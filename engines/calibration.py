@@ -1,0 +1,129 @@
+"""Calibration data for int8: real inputs of every graph, recorded while the fp32 bundle runs.
+
+The user's images (``--calib-images DIR``) and prompts (``--calib-prompts FILE``) go through the fp32
+bundle with the ordinary runtime; each graph's runner is wrapped so that every call's feeds are kept:
+pixel_values for ``vision``, image_embeds for ``qformer``, and for the decoder the prefill and several
+decode steps (so the KV cache inputs are real too). No torch: this is the runtime running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime.contract import GraphName
+from runtime.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+DEFAULT_CALIB_PROMPTS = ("", "a photo of", "Question: what is in the picture? Answer:",
+                         "Question: how many people are there? Answer:")
+
+
+def list_calibration_images(folder: str | Path, limit: int | None = None) -> list[Path]:
+    """Image files in ``folder`` (sorted); a clear error when the folder is missing, unreadable or empty."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputError(f"calibration folder not found: {folder}", hint="pass --calib-images DIR with images")
+    if not folder.is_dir():
+        raise InputError(f"--calib-images must be a folder of images, not a file: {folder}")
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except PermissionError:
+        raise InputError(f"calibration folder is not readable: {folder}") from None
+    if not files:
+        raise InputError(f"calibration folder {folder} has no images (jpg, png, ...)",
+                         hint="add a few dozen images like the ones the model will see")
+    return files[:limit] if limit else files
+
+
+def read_prompts(path: str | Path | None) -> tuple[str, ...]:
+    if path is None:
+        return DEFAULT_CALIB_PROMPTS
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"calibration prompts file not found: {p}")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read calibration prompts {p}: {e}") from None
+    if not lines:
+        raise InputError(f"calibration prompts file {p} is empty (one prompt per line; an empty line = caption)")
+    return tuple(lines)
+
+
+@dataclass
+class CalibrationSet:
+    """Recorded feeds per graph name, in call order."""
+
+    feeds: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
+
+    def count(self, graph: str) -> int:
+        return len(self.feeds.get(graph, []))
+
+
+class _Recorder:
+    """A graph runner that keeps a copy of every call's feeds, then runs the real one."""
+
+    def __init__(self, runner, sink: list):
+        self.runner = runner
+        self.record = runner.record
+        self.sink = sink
+
+    @property
+    def calls(self) -> int:
+        return self.runner.calls
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.sink.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        return self.runner.run(feeds)
+
+
+def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *, decode_steps: int = 6,
+            max_decoder_samples: int = 48, progress: bool = False) -> CalibrationSet:
+    """Run the fp32 bundle over ``images`` x ``prompts`` and record every graph's inputs.
+
+    Images run one at a time (batch 1, the common edge case); the decoder sees each prompt's prefill
+    and ``decode_steps`` decode steps. Decoder samples are thinned evenly to ``max_decoder_samples``
+    (prefills are always kept: they carry the visual prefix).
+    """
+    from runtime.pipeline import Blip2Runtime
+    from runtime.preprocess import load_image
+
+    rt = Blip2Runtime(bundle, precision="fp32", backend="ort")
+    cal = CalibrationSet()
+    for name in rt.manifest.required_graphs():
+        sink: list = cal.feeds.setdefault(name.value, [])
+        rt._graphs[name.value] = _Recorder(rt.graph(name), sink)
+    it: list[Path] = list(images)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="calibrate", unit="image")
+    decoder = GraphName.DECODER.value in cal.feeds
+    for path in it:
+        img = load_image(path)  # an unreadable image stops here, before anything is written
+        prefix = rt.image_features([img])
+        if decoder:
+            for p in prompts:
+                rt.generate(prompts=[p], prefix=prefix, max_new_tokens=decode_steps, min_new_tokens=decode_steps)
+    if decoder:
+        cal.feeds[GraphName.DECODER.value] = _thin(cal.feeds[GraphName.DECODER.value], max_decoder_samples)
+    return cal
+
+
+def _thin(samples: list[dict[str, np.ndarray]], limit: int) -> list[dict[str, np.ndarray]]:
+    """Keep every prefill (no past) and an even spread of decode steps, ``limit`` in all."""
+    if len(samples) <= limit:
+        return samples
+    prefills = [i for i, s in enumerate(samples) if s.get("past.0.key") is None or s["past.0.key"].shape[2] == 0]
+    steps = [i for i in range(len(samples)) if i not in set(prefills)]
+    room = max(limit - len(prefills), 0)
+    if room and steps:
+        picks = np.linspace(0, len(steps) - 1, num=min(room, len(steps))).round().astype(int)
+        steps = [steps[i] for i in sorted(set(picks.tolist()))]
+    else:
+        steps = []
+    keep = sorted(set(prefills[:limit]) | set(steps))
+    return [samples[i] for i in keep]

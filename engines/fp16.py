@@ -1,0 +1,156 @@
+"""fp32 ONNX graph -> fp16 ONNX graph, with fp32 islands where fp16 is known to break.
+
+Precision lives in the graph (DESIGN.md): the file this writes is what ONNX Runtime runs and what
+TensorRT builds as a strongly typed network, so both see the same types.
+
+What stays fp32 (compute), per graph:
+  * every graph: LayerNormalization, Softmax and the reductions/powers a decomposed norm is made of,
+    plus the ops ONNX Runtime's converter lists as unsafe in fp16 (Range, CumSum, TopK, ...);
+  * ``qformer``: the whole graph, as transformers keeps the Q-Former in fp32 (``_keep_in_fp32_modules``);
+  * any output the contract declares float32 even at fp16 (``logits``): the node that computes it;
+  * T5 LLMs: the feed-forward output projections (``wo``), which overflow fp16 (transformers keeps them fp32).
+
+Weights are *stored* in fp16 everywhere, including the fp32 islands (a Cast upcasts them once, and
+both runtimes fold it at load): that is what halves the files. Graph IO follows the contract's
+dtype parameter (``float16`` for activations and KV cache, ``float32`` where the contract fixes it),
+and the manifest records it; the runtime casts feeds to it.
+
+No torch here: onnx + numpy + ONNX Runtime's ``float16`` converter (a runtime dependency already).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engines.onnx_utils import (
+    ensure_node_names,
+    load_model,
+    producer_through,
+    toposort,
+)
+from runtime.contract import GraphIO, GraphName
+
+# Ops computed in fp32 inside fp16 graphs (with Casts at their boundaries).
+FP32_OPS: tuple[str, ...] = (
+    "LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "LogSoftmax",
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "Pow", "Sqrt", "Reciprocal", "Exp", "Log",
+)
+# Shapes, indices and ops ONNX Runtime's converter refuses in fp16.
+_UNSAFE_OPS: tuple[str, ...] = ("Range", "CumSum", "Min", "Max", "TopK", "Upsample", "RandomUniformLike",
+                                "NonMaxSuppression", "RoiAlign")
+# Graphs whose compute stays fp32 (weights are still stored fp16).
+FP32_GRAPHS: frozenset[str] = frozenset({GraphName.QFORMER.value})
+# Float initializers with at least this many elements are stored fp16 even when fp32 nodes use them.
+STORE_FP16_MIN_ELEMENTS = 1024
+
+
+@dataclass
+class Fp16Result:
+    model: object  # onnx.ModelProto
+    fp32_nodes: list[str] = field(default_factory=list)
+    fp32_ops: dict[str, int] = field(default_factory=dict)
+    fp16_stored_fp32_weights: int = 0  # weights stored fp16 but upcast for an fp32 island
+
+    def notes(self, whole_graph_fp32: bool) -> dict:
+        if whole_graph_fp32:
+            return {"transform": "fp16", "fp32_compute": "whole graph (IO and weights fp16, compute fp32)",
+                    "fp32_weights_stored_fp16": self.fp16_stored_fp32_weights}
+        return {
+            "transform": "fp16",
+            "fp32_compute": "islands",
+            "fp32_op_counts": dict(sorted(self.fp32_ops.items())),
+            "fp32_nodes": self.fp32_nodes if len(self.fp32_nodes) <= 64 else
+            self.fp32_nodes[:64] + [f"... {len(self.fp32_nodes) - 64} more"],
+            "fp32_weights_stored_fp16": self.fp16_stored_fp32_weights,
+        }
+
+
+def fp32_islands(model, graph: str, io: GraphIO, llm_type: str = "") -> list[str]:
+    """Names of the nodes of ``model`` that must compute in fp32 for graph ``graph``."""
+    nodes = list(model.graph.node)
+    if graph in FP32_GRAPHS:
+        return [n.name for n in nodes]
+    keep = [n.name for n in nodes if n.op_type in FP32_OPS]
+    # The node computing each output the contract keeps float32 (logits), seen through Casts/reshapes.
+    for spec in io.outputs:
+        if spec.dtype == "float32":
+            node = producer_through(model, spec.name, skip=("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze"))
+            if node is not None:
+                keep.append(node.name)
+    if llm_type == "t5":
+        keep += [n.name for n in nodes if "/wo/" in n.name and n.op_type in ("MatMul", "Gemm")]
+    return sorted(set(keep))
+
+
+def convert_fp16(src: str | Path, graph: str, io: GraphIO, llm_type: str = "") -> Fp16Result:
+    """Convert the fp32 ONNX file ``src`` of graph ``graph`` to fp16; ``io`` is the contract's fp16 IO."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = load_model(src)
+    ensure_node_names(model)
+    keep = fp32_islands(model, graph, io, llm_type)
+    fp32_io = [t.name for t in (*io.inputs, *io.outputs) if t.dtype == "float32"]
+    op_types = {n.name: n.op_type for n in model.graph.node}
+    # Shape inference needs the file path for graphs over 2 GiB; the converter handles both.
+    model = convert_float_to_float16(
+        model, keep_io_types=fp32_io, op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(_UNSAFE_OPS)),
+        node_block_list=keep, disable_shape_infer=False,
+    )
+    stored = store_weights_fp16(model)
+    toposort(model)
+    _check_io(model, io)
+    counts: dict[str, int] = {}
+    for name in keep:
+        counts[op_types[name]] = counts.get(op_types[name], 0) + 1
+    islands = [n for n in keep if op_types[n] not in FP32_OPS]
+    return Fp16Result(model, fp32_nodes=islands if graph not in FP32_GRAPHS else [], fp32_ops=counts,
+                      fp16_stored_fp32_weights=stored)
+
+
+def store_weights_fp16(model, min_elements: int = STORE_FP16_MIN_ELEMENTS) -> int:
+    """Store large float32 initializers as float16 followed by a Cast back to float32.
+
+    The fp32 islands keep computing in fp32 (on weights rounded to fp16, as transformers does when it
+    loads an fp16 checkpoint into a module kept in fp32), while the file holds half the bytes.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    casts = []
+    count = 0
+    keep = []
+    for init in graph.initializer:
+        n = int(np.prod(init.dims)) if init.dims else 1
+        if init.data_type != TensorProto.FLOAT or n < min_elements:
+            keep.append(init)
+            continue
+        arr = numpy_helper.to_array(init)
+        half = numpy_helper.from_array(np.clip(arr, -65504, 65504).astype(np.float16), init.name + "__fp16")
+        keep.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                      name=init.name + "__upcast"))
+        count += 1
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    return count
+
+
+def _check_io(model, io: GraphIO) -> None:
+    """The converted graph's IO types must be what the manifest will declare."""
+    from onnx import helper
+
+    from runtime.errors import Blip2Error
+
+    declared = {t.name: t.dtype for t in (*io.inputs, *io.outputs)}
+    for v in (*model.graph.input, *model.graph.output):
+        got = helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+        want = declared.get(v.name)
+        if want is not None and got != want:
+            raise Blip2Error(f"fp16 conversion left {v.name} as {got}, the contract declares {want} "
+                             "(a bug in engines/fp16.py)")

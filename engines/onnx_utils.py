@@ -1,0 +1,110 @@
+"""Small ONNX graph helpers shared by the precision transforms (onnx + numpy only, no torch)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Graphs whose weights exceed this go to one external data file (protobuf cannot hold more than 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def load_model(path: str | Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def weight_bytes(model) -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def save_model_atomic(model, path: Path, *, external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[str]:
+    """Write ``model`` to ``path`` (and ``path.data`` when large) so that neither appears half-written.
+
+    Files are written in a private temporary folder next to ``path`` and renamed into place, the
+    external data first, the graph last. Returns the external data file names (relative to the folder).
+    """
+    import onnx
+
+    path = Path(path)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        data: list[str] = []
+        if weight_bytes(model) > external_threshold:
+            data = [path.name + ".data"]
+            onnx.save_model(model, str(work / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data[0], size_threshold=1024)
+        else:
+            onnx.save_model(model, str(work / path.name))
+        for name in data:
+            os.replace(work / name, path.parent / name)
+        os.replace(work / path.name, path)
+        return data
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def ensure_node_names(model) -> None:
+    """Give every unnamed node a unique name (block lists and quantizer exclusions are by name)."""
+    seen = {n.name for n in model.graph.node if n.name}
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in seen:
+                name += "_"
+            n.name = name
+            seen.add(name)
+
+
+def producers(model) -> dict:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def producer_through(model, tensor: str, skip: tuple[str, ...] = ()):
+    """The node computing ``tensor``, looking through ops in ``skip`` (Casts, reshapes); None for inputs."""
+    prod = producers(model)
+    node = prod.get(tensor)
+    while node is not None and node.op_type in skip and node.input and node.input[0] in prod:
+        node = prod[node.input[0]]
+    return node
+
+
+def toposort(model) -> None:
+    """Sort ``model.graph.node`` topologically (ONNX requires it, TensorRT's parser relies on it).
+
+    Kahn's algorithm preferring the original order, so an already sorted graph is left as it was.
+    Subgraph-free graphs only (the exported BLIP-2 graphs have no If/Loop bodies).
+    """
+    import heapq
+
+    graph = model.graph
+    nodes = list(graph.node)
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    deps = []
+    consumers: dict[str, list[int]] = {}
+    for idx, n in enumerate(nodes):
+        need = {i for i in n.input if i not in known}
+        deps.append(len(need))
+        for i in need:
+            consumers.setdefault(i, []).append(idx)
+    heap = [i for i, d in enumerate(deps) if d == 0]
+    heapq.heapify(heap)
+    order = []
+    while heap:
+        idx = heapq.heappop(heap)
+        order.append(nodes[idx])
+        for out in nodes[idx].output:
+            for c in consumers.pop(out, []):
+                deps[c] -= 1
+                if deps[c] == 0:
+                    heapq.heappush(heap, c)
+    if len(order) != len(nodes):
+        from runtime.errors import Blip2Error
+
+        raise Blip2Error(f"graph {graph.name!r} has a cycle or a dangling input ({len(nodes) - len(order)} "
+                         "nodes cannot be ordered)")
+    del graph.node[:]
+    graph.node.extend(order)

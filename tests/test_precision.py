@@ -1,0 +1,187 @@
+"""fp16 and int8 as ONNX transforms (engines/), run and checked for parity through ONNX Runtime on CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from blip2_export.parity import THRESHOLDS, list_images, run_parity
+from engines.build import BuildConfig, build_bundle
+from runtime.errors import InputError
+from runtime.manifest import load_manifest
+from runtime.pipeline import Blip2Runtime
+
+PROMPTS = ("", "Question: what is in the picture? Answer:")
+
+
+def _images(folder, n=4):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(list_images(None, count=n)):
+        img.save(folder / f"calib-{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tiny_bundle, tmp_path_factory):
+    """The tiny bundle with fp16 and int8 graphs added (built once for this module)."""
+    root = tmp_path_factory.mktemp("precision")
+    bundle = root / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    reports = {
+        "fp16": build_bundle(bundle, BuildConfig(precision="fp16", backend="ort"), progress=False),
+        "int8": build_bundle(bundle, BuildConfig(precision="int8", backend="ort",
+                                                 calib_images=_images(root / "calib")), progress=False),
+    }
+    return bundle, reports
+
+
+def _weight_bytes(path) -> int:
+    import onnx
+
+    return sum(t.ByteSize() for t in onnx.load(str(path)).graph.initializer)
+
+
+def test_manifest_records_precision_io_and_islands(built):
+    bundle, _ = built
+    m = load_manifest(bundle)  # checksums of the new files verified too
+    assert m.precisions() == ["fp32", "fp16", "int8"]
+    dec16 = m.graph("decoder", "fp16")
+    dtypes = {t.name: t.dtype for t in (*dec16.io.inputs, *dec16.io.outputs)}
+    assert dtypes["inputs_embeds"] == "float16" and dtypes["past.0.key"] == "float16"
+    assert dtypes["present.1.value"] == "float16" and dtypes["logits"] == "float32"
+    assert m.graph("vision", "fp16").io.inputs[0].dtype == "float16"
+    assert dec16.notes["fp32_op_counts"]["LayerNormalization"] > 0
+    assert dec16.notes["fp32_op_counts"]["Softmax"] > 0
+    assert any("lm_head" in n for n in dec16.notes["fp32_nodes"])  # logits computed in fp32
+    assert m.graph("qformer", "fp16").notes["fp32_compute"].startswith("whole graph")
+    vis8, dec8 = m.graph("vision", "int8"), m.graph("decoder", "int8")
+    assert vis8.notes["recipe"] == "static" and vis8.notes["quantize_linear_nodes"] > 0
+    assert vis8.notes["calibration"]["samples"] == 4
+    assert dec8.notes["recipe"] == "weight" and dec8.notes["linear_layers_quantized"] > 0
+    assert any("lm_head" in n for n in dec8.notes["kept_float32"]["nodes"])
+    assert {t.dtype for t in dec8.io.inputs if t.name != "attention_mask" and t.name != "position_ids"} == {"float32"}
+
+
+def test_fp16_graph_types(built):
+    import onnx
+
+    bundle, _ = built
+    model = onnx.load(str(bundle / "decoder.fp16.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
+    assert types["inputs_embeds"] == onnx.TensorProto.FLOAT16 and types["logits"] == onnx.TensorProto.FLOAT
+    prod = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type in ("LayerNormalization", "Softmax"):  # fed through a Cast to fp32
+            src = prod.get(n.input[0])
+            assert src is not None and src.op_type == "Cast" and src.attribute[0].i == onnx.TensorProto.FLOAT, n.name
+    onnx.checker.check_model(model)
+
+
+def test_weights_shrink_by_expected_factor(built, tiny_bundle):
+    bundle, reports = built
+    for name in ("vision", "qformer", "decoder"):
+        w32 = _weight_bytes(tiny_bundle / f"{name}.onnx")
+        assert _weight_bytes(bundle / f"{name}.fp16.onnx") <= 0.55 * w32, name
+        # the tiny decoder's fp32 position table and logits layer are half its weights; mid reaches 0.27
+        assert _weight_bytes(bundle / f"{name}.int8.onnx") <= (0.65 if name == "decoder" else 0.45) * w32, name
+    sizes = {s.graph: s for s in reports["fp16"].sizes}
+    assert sizes["vision"].fp32_bytes > sizes["vision"].bytes > 0
+    assert "vision.fp16.onnx" in reports["fp16"].render()
+
+
+def test_fp16_parity_on_tiny(built, tiny_checkpoint, tiny_model):
+    bundle, _ = built
+    rep = run_parity(tiny_checkpoint, bundle, images=list_images(None, count=3), prompts=PROMPTS,
+                     precision="fp16", model_and_tokenizer=tiny_model)
+    assert not rep.nonfinite
+    assert all(s.cosine >= 0.999 for s in rep.stages), rep.render()
+    assert rep.token_agreement >= THRESHOLDS["fp16"].token_agreement, rep.render()
+    assert rep.ok
+
+
+def test_int8_parity_on_tiny(built, tiny_checkpoint, tiny_model):
+    bundle, _ = built
+    rep = run_parity(tiny_checkpoint, bundle, images=list_images(None, count=3), prompts=PROMPTS,
+                     precision="int8", model_and_tokenizer=tiny_model)
+    assert not rep.nonfinite
+    assert all(s.cosine >= THRESHOLDS["int8"].stage_cosine for s in rep.stages), rep.render()
+    # Teacher-forced logits stay close; on this random 2-layer model near-tied logits flip some tokens.
+    assert max(g.max_logits_diff for g in rep.generations) < 0.2, rep.render()
+    assert rep.token_agreement >= THRESHOLDS["int8"].token_agreement, rep.render()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_padded_batch_is_finite_and_matches_single_rows(built, precision):
+    bundle, _ = built
+    rt = Blip2Runtime(bundle, precision=precision)
+    images = list_images(None, count=2)
+    prompts = ["", "Question: what is in the picture? Answer:"]
+    decoder = rt.graph(rt.manifest.required_graphs()[-1])
+    seen = []
+    real_run = decoder.run
+    decoder.run = lambda feeds: seen.append(real_run(feeds)) or seen[-1]  # type: ignore[method-assign]
+    batch = rt.generate(images, prompts, max_new_tokens=8)
+    decoder.run = real_run  # type: ignore[method-assign]
+    for out in seen:
+        for name, value in out.items():
+            assert np.isfinite(value.astype(np.float32)).all(), name
+    for img, prompt, got in zip(images, prompts, batch):
+        assert rt.generate([img], [prompt], max_new_tokens=8)[0].token_ids == got.token_ids
+
+
+def test_cli_run_after_build(built, tmp_path):
+    from blip2_export.cli import main
+
+    bundle, _ = built
+    img = tmp_path / "x.png"
+    list_images(None, count=1)[0].save(img)
+    for precision in ("fp16", "int8"):
+        assert main(["run", str(bundle), "--precision", precision, "--image", str(img), "--json",
+                     "--max-new-tokens", "4"]) == 0
+
+
+def test_percentile_and_entropy_calibration(bundle_copy, tmp_path):
+    """Every --calib-method builds; the method used (and any fallback) is written to the manifest."""
+    calib = _images(tmp_path / "calib", n=2)
+    for method in ("minmax", "entropy"):
+        build_bundle(bundle_copy, BuildConfig(precision="int8", backend="ort", calib_images=calib,
+                                              calib_method=method, llm_int8="static", force=True),
+                     progress=False)
+        m = load_manifest(bundle_copy)
+        vis = m.graph("vision", "int8").notes["calibration"]
+        assert vis["method"] == method or vis["fallback"].startswith(method)
+        dec = m.graph("decoder", "int8").notes
+        assert dec["recipe"] == "static" and dec["quantize_linear_nodes"] > 0
+        assert dec["calibration"]["samples"] > 2  # prefill and decode steps, with a real KV cache
+
+
+def test_unreadable_calibration_image_leaves_bundle_untouched(bundle_copy, tmp_path):
+    calib = _images(tmp_path / "calib", n=1)
+    (calib / "broken.jpg").write_bytes(b"not a jpeg")
+    before = {p.name: p.read_bytes() for p in bundle_copy.iterdir()}
+    with pytest.raises(InputError, match="broken.jpg"):
+        build_bundle(bundle_copy, BuildConfig(precision="int8", backend="ort", calib_images=calib), progress=False)
+    assert {p.name: p.read_bytes() for p in bundle_copy.iterdir()} == before
+
+
+def test_crash_while_writing_graphs_leaves_bundle_untouched(bundle_copy, monkeypatch):
+    import engines.onnx_utils as ou
+
+    calls = []
+    real = ou.save_model_atomic
+
+    def flaky(model, path, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, path, **kw)
+
+    monkeypatch.setattr(ou, "save_model_atomic", flaky)
+    before = {p.name: p.read_bytes() for p in bundle_copy.iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        build_bundle(bundle_copy, BuildConfig(precision="fp16", backend="ort"), progress=False)
+    assert {p.name: p.read_bytes() for p in bundle_copy.iterdir()} == before
+    assert "fp16" not in json.loads((bundle_copy / "manifest.json").read_text())["graphs"]
