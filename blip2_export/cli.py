@@ -61,7 +61,9 @@ def export(checkpoint, out, max_batch, max_context, max_new_tokens, opset, exter
 
     Writes vision, Q-Former(+projection) and LLM graphs, the token embedding table, tokenizer and a
     manifest with IO names, dim ranges and sha256 of every file. The bundle appears only when
-    complete.
+    complete. The checkpoint decides the graphs: an OPT-style LLM gets one decoder graph; Flan-T5 gets
+    encoder, cross_kv and seq2seq_decoder graphs; a stage-1 Blip2ForImageTextRetrieval checkpoint gets
+    image_features, text_features and itm graphs (use it with 'blip2-export retrieve').
     """
     from blip2_export.export import DEFAULT_EXTERNAL_DATA_THRESHOLD, ExportConfig, export_bundle
 
@@ -202,6 +204,67 @@ def run(bundle, images, prompts, precision, backend, threads, stream, as_json, *
             click.echo(json.dumps({"image": img, "text": r.text, "token_ids": r.token_ids, "finished": r.finished}))
         elif not stream:
             click.echo(f"{img}: {r.text}" if len(images) > 1 else r.text)
+
+
+# ------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder of images (jpg, png, ...) to match against the texts.")
+@click.option("--texts", "texts_file", type=click.Path(path_type=Path), default=None,
+              help="Text file, one caption per line (blank lines skipped).")
+@click.option("--text-features", "features_in", type=click.Path(path_type=Path), default=None,
+              help="Captions with features saved earlier by --save-text-features (instead of --texts).")
+@click.option("--save-text-features", "features_out", type=click.Path(path_type=Path), default=None,
+              help="Save the captions' features (.npz) so a fixed caption set is encoded only once.")
+@click.option("--rerank-top-k", default=16, show_default=True,
+              help="Re-rank the k best ITC candidates of each query with the ITM head (0: ITC only).")
+@click.option("--top", default=5, show_default=True, help="Matches to print per query.")
+@click.option("--direction", default="i2t", show_default=True, type=click.Choice(["i2t", "t2i", "both"]),
+              help="i2t: best texts for each image; t2i: best images for each text.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]))
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
+@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line per query.")
+def retrieve(bundle, images_dir, texts_file, features_in, features_out, rerank_top_k, top, direction, precision,
+             backend, threads, as_json):
+    """Image-text retrieval with a stage-1 BUNDLE (exported from a Blip2ForImageTextRetrieval checkpoint).
+
+    Ranks by ITC similarity (best query feature vs the text's [CLS] feature), then re-ranks the
+    --rerank-top-k best with the ITM head (score = ITM match logit + ITC), as in BLIP-2's retrieval
+    evaluation. No torch needed.
+
+    \b
+      blip2-export retrieve ./itm-bundle --images photos/ --texts captions.txt
+      blip2-export retrieve ./itm-bundle --images photos/ --texts captions.txt --save-text-features caps.npz
+      blip2-export retrieve ./itm-bundle --images more/ --text-features caps.npz --direction both
+    """
+    from runtime.retrieval import RetrievalRuntime, format_result, image_files, read_texts
+
+    if (texts_file is None) == (features_in is None):
+        raise Blip2Error("give the captions with --texts FILE or --text-features FILE.npz (one of them)")
+    opts = {"threads": threads} if backend == "ort" and threads else {}
+    rt = RetrievalRuntime(bundle, precision=precision, backend=backend, **opts)
+    texts = rt.load_texts(features_in) if features_in is not None else rt.encode_texts(read_texts(texts_file))
+    if features_out is not None:
+        texts.save(features_out)
+    files = image_files(images_dir)
+    images = rt.encode_images(files, names=[f.name for f in files])
+    dirs = ("i2t", "t2i") if direction == "both" else (direction,)
+    result = rt.retrieve(images, texts, rerank_top_k=rerank_top_k, directions=dirs)
+    if as_json:
+        def rows(matches):
+            return [{"index": mt.index, "score": mt.score, "itc": mt.itc, "itm": mt.itm} for mt in matches[:top]]
+
+        for name, matches in zip(images.names, result.i2t):
+            click.echo(json.dumps({"image": name, "texts": [dict(r, text=texts.texts[r["index"]])
+                                                            for r in rows(matches)]}))
+        for text, matches in zip(texts.texts, result.t2i):
+            click.echo(json.dumps({"text": text, "images": [dict(r, image=images.names[r["index"]])
+                                                            for r in rows(matches)]}))
+        return
+    for line in format_result(result, images.names, texts.texts, top=top, direction=direction):
+        click.echo(line)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class ExportConfig:
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD
     max_new_tokens: int = 30  # default generation length written to the manifest
     force: bool = False
+    ort_engine: bool = True  # also build the ORT engine of the decoder (fused attention, in-place KV cache)
 
     def validate(self, model_limit: int | None = None, num_query_tokens: int = 0) -> None:
         if self.max_batch < 1:
@@ -167,6 +168,14 @@ def export_bundle(checkpoint: str | Path, out: str | Path, config: ExportConfig 
     out = Path(out)
     if out.exists() and not config.force:
         raise Blip2Error(f"output {out} already exists", hint="pass --force to replace it")
+    from blip2_export.modelzoo import RETRIEVAL_ARCHITECTURE, is_retrieval_checkpoint
+
+    if (type(model_and_tokenizer[0]).__name__ == RETRIEVAL_ARCHITECTURE if model_and_tokenizer is not None
+            else checkpoint is not None and is_retrieval_checkpoint(checkpoint)):
+        from blip2_export.export_retrieval import export_bundle_retrieval  # stage-1 model: ITC / ITM graphs
+
+        return export_bundle_retrieval(checkpoint, out, config, progress=progress,
+                                       model_and_tokenizer=model_and_tokenizer)
     if model_and_tokenizer is None:
         model, tokenizer, image_processor = load_checkpoint(checkpoint)
     else:
@@ -201,6 +210,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, config: ExportConfig 
         graphs = {}
         for name, module, io in _progress(plans, progress, "export"):
             graphs[name.value] = _export_one(tmp, name, module, io, sizes, config)
+        if config.ort_engine:
+            from engines.ort_optimize import attach_ort_engine
+
+            graphs[GraphName.DECODER.value] = attach_ort_engine(tmp, graphs[GraphName.DECODER.value], facts,
+                                                                warn=warnings.warn)
         files = write_text_side(tmp, model, tokenizer)
         manifest = Manifest(
             format_version=FORMAT_VERSION,

@@ -170,8 +170,24 @@ def build_random_model(preset: str | ModelSpec = "tiny", seed: int = 0, **overri
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config)
     init_blip2_weights(model, seed)
+    if spec.llm == "t5":
+        damp_tied_embeddings(model)
     model.eval()
     return model, tokenizer, make_image_processor(spec)
+
+
+def damp_tied_embeddings(model, scale: float = 0.1) -> None:
+    """Shrink a T5 LLM's shared embedding table, which transformers 5 always ties to its LM head.
+
+    ``T5Config`` forces ``tie_word_embeddings=True``, so the head cannot be untied as for OPT. With
+    unit-normal embeddings the residual stream then carries the input token so strongly that a random
+    model predicts it again forever (``<pad>`` after ``<pad>``); at 0.1 the blocks decide the next token
+    and the output depends on the image and the prompt.
+    """
+    import torch
+
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(scale)
 
 
 def save_checkpoint(model, tokenizer, image_processor, path: str | Path) -> Path:
@@ -215,6 +231,9 @@ def load_checkpoint(path: str | Path):
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
     if not weights:
         raise Blip2Error(f"{path} has no weight files (*.safetensors or *.bin)")
+    if RETRIEVAL_ARCHITECTURE in (raw.get("architectures") or []):
+        raise Blip2Error(f"{path} is a stage-1 retrieval checkpoint ({RETRIEVAL_ARCHITECTURE}), not a "
+                         "captioning one", hint="load it with load_retrieval_checkpoint")
     config = Blip2Config.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if config.image_token_index is None:
@@ -248,3 +267,101 @@ def checkpoint_identity(path: str | Path) -> str:
         h.update(f.name.encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+# -- stage-1 retrieval models (Blip2ForImageTextRetrieval) -------------------------------------------
+RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"
+
+
+def checkpoint_architectures(path: str | Path) -> list[str]:
+    """``architectures`` of a checkpoint folder's config.json ([] when absent or unreadable)."""
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    archs = raw.get("architectures") or []
+    return [str(a) for a in archs] if isinstance(archs, list) else []
+
+
+def is_retrieval_checkpoint(path: str | Path) -> bool:
+    return RETRIEVAL_ARCHITECTURE in checkpoint_architectures(path)
+
+
+def make_retrieval_config(spec: ModelSpec, tokenizer, embed_dim: int | None = None):
+    """A ``Blip2Config`` for the stage-1 model: ViT + Q-Former with its BERT-style text side, projections."""
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+
+    vision = Blip2VisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_ffn,
+        num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size, patch_size=spec.patch_size, initializer_range=0.02,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=spec.qformer_hidden, num_hidden_layers=spec.qformer_layers,
+        num_attention_heads=spec.qformer_heads, intermediate_size=spec.qformer_ffn,
+        encoder_hidden_size=spec.vision_hidden, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, use_qformer_text_input=True,
+        max_position_embeddings=spec.max_positions,
+    )
+    return Blip2Config(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), num_query_tokens=spec.num_query_tokens,
+        image_text_hidden_size=embed_dim or min(256, spec.qformer_hidden),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+
+
+def build_random_retrieval_model(preset: str | ModelSpec = "tiny", seed: int = 0, **overrides: Any):
+    """``(model, tokenizer, image_processor)`` for a random ``Blip2ForImageTextRetrieval`` with real init.
+
+    The tokenizer frames a text as ``<s> words </s>``, the analogue of BERT's ``[CLS] words [SEP]``.
+    """
+    import torch
+    from transformers import Blip2ForImageTextRetrieval
+
+    from blip2_export.text_tokenizer import build_word_tokenizer
+
+    spec = get_spec(preset, **overrides)
+    tokenizer = build_word_tokenizer(spec.extra_words, add_bos=True, add_eos=True)
+    tokenizer.padding_side = "right"
+    config = make_retrieval_config(spec, tokenizer)
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(config)
+    init_blip2_weights(model, seed)
+    with torch.no_grad():  # BERT-style "LayerNorm.weight" escapes init_blip2_weights' "norm" match: unit gains,
+        for name, p in model.named_parameters():  # else every feature collapses onto the LayerNorm biases
+            if name.endswith("LayerNorm.weight"):
+                p.fill_(1.0)
+    model.eval()
+    return model, tokenizer, make_image_processor(spec)
+
+
+def make_random_retrieval_checkpoint(path: str | Path, preset: str | ModelSpec = "tiny", seed: int = 0,
+                                     **overrides: Any) -> Path:
+    model, tok, proc = build_random_retrieval_model(preset, seed, **overrides)
+    return save_checkpoint(model, tok, proc, path)
+
+
+def load_retrieval_checkpoint(path: str | Path):
+    """Load ``(model, tokenizer, image_processor)`` from a local ``Blip2ForImageTextRetrieval`` folder."""
+    import torch
+    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval, BlipImageProcessor
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise Blip2Error(f"{path} has no config.json: not a transformers checkpoint folder")
+    if not is_retrieval_checkpoint(path):
+        raise Blip2Error(f"{path} is not a {RETRIEVAL_ARCHITECTURE} checkpoint "
+                         f"(architectures: {checkpoint_architectures(path) or 'none'})")
+    if not (list(path.glob("*.safetensors")) + list(path.glob("*.bin"))):
+        raise Blip2Error(f"{path} has no weight files (*.safetensors or *.bin)")
+    model = Blip2ForImageTextRetrieval.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    vision: Any = model.config.vision_config
+    size = int(vision.image_size)
+    if (path / "preprocessor_config.json").is_file():
+        image_processor = BlipImageProcessor.from_pretrained(path)
+    else:
+        image_processor = BlipImageProcessor(size={"height": size, "width": size}, resample=3,
+                                             image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
+    return model, tokenizer, image_processor

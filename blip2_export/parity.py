@@ -299,3 +299,125 @@ def save_report(report: ParityReport, path: str | Path) -> None:
     from runtime.integrity import atomic_write_text
 
     atomic_write_text(path, json.dumps(report.to_json(), indent=2))
+
+
+# -- retrieval (stage-1 model) ------------------------------------------------------------------------
+DEFAULT_CAPTIONS = (
+    "a photo of a cat", "a red car", "two dogs on the table", "blue sky", "a small green tree on the left",
+    "what is in the picture", "a large white square", "three yellow circles and a purple triangle",
+    "the dog", "an orange circle on top of a black table with a big blue car on the right",
+)
+
+RETRIEVAL_TOLERANCE = 1e-4  # ITC similarities and ITM logits, fp32
+
+
+@dataclass
+class RetrievalParityReport:
+    precision: str
+    backend: str
+    images: int
+    texts: int
+    rerank_top_k: int
+    tolerance: float
+    stages: list[StageResult] = field(default_factory=list)
+    itc_max_abs: float = 0.0
+    itm_max_abs: float = 0.0
+    itc_rankings_equal: bool = False
+    reranked_equal: bool = False
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (all(s.ok for s in self.stages) and self.itc_max_abs <= self.tolerance
+                and self.itm_max_abs <= self.tolerance and self.itc_rankings_equal and self.reranked_equal)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def render(self) -> str:
+        head = (f"retrieval parity: {self.precision} on {self.backend}, {self.images} images x {self.texts} "
+                f"texts, ITM re-ranking of the top {self.rerank_top_k}")
+        lines = [head, "", "stage            max_abs_diff   cosine      ok"]
+        for s in self.stages:
+            lines.append(f"{s.name:<16} {s.max_abs:<14.3e} {s.cosine:<11.7f} {'yes' if s.ok else 'NO'}")
+        lines += [
+            "",
+            f"ITC similarity matrix: max abs diff {self.itc_max_abs:.3e} (need <= {self.tolerance:g})",
+            (f"ITM logits, all {self.images * self.texts} pairs: max abs diff {self.itm_max_abs:.3e} "
+             f"(need <= {self.tolerance:g})"),
+            f"ITC rankings (image->text and text->image) identical: {'yes' if self.itc_rankings_equal else 'NO'}",
+            f"ITM re-ranked top-{self.rerank_top_k} identical: {'yes' if self.reranked_equal else 'NO'}",
+            *self.examples, "", "PASS" if self.ok else "FAIL",
+        ]
+        return "\n".join(lines)
+
+
+def run_retrieval_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, texts=DEFAULT_CAPTIONS,
+                         precision: str = "fp32", backend: str = "ort", rerank_top_k: int = 4,
+                         model_and_tokenizer=None, **backend_options) -> RetrievalParityReport:
+    """``Blip2ForImageTextRetrieval`` vs a retrieval bundle: per-stage features, the ITC matrix, ITM logits
+    of every (image, text) pair, and the rankings (ITC, then ITM re-ranking of the top k) both ways."""
+    import torch
+
+    from blip2_export.modelzoo import load_retrieval_checkpoint
+    from runtime.preprocess import load_image, preprocess
+    from runtime.retrieval import RetrievalRuntime, rank
+
+    model, tokenizer, processor = model_and_tokenizer or load_retrieval_checkpoint(checkpoint)
+    model = model.float().eval()
+    rt = RetrievalRuntime(bundle, precision=precision, backend=backend, **backend_options)
+    files = list(images) if images is not None else list_images(None)
+    pil = [load_image(f) for f in files]
+    texts = list(texts)
+    t = THRESHOLDS["fp32"]
+    rep = RetrievalParityReport(precision, backend, len(pil), len(texts), rerank_top_k, RETRIEVAL_TOLERANCE)
+
+    # eager, as Blip2ForImageTextRetrieval.forward is called: <image> placeholders first when the config has one
+    pv_ref = processor(pil, return_tensors="pt")["pixel_values"].float()
+    nq, image_id = model.config.num_query_tokens, model.config.image_token_index
+    prefix = [image_id] * nq if image_id is not None else []
+    rows = [prefix + tokenizer(x).input_ids for x in texts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        itc_out = model(pixel_values=pv_ref, input_ids=ids, attention_mask=mask, use_image_text_matching_head=False)
+        n, m = len(pil), len(texts)
+        img_idx = torch.arange(n).repeat_interleave(m)
+        txt_idx = torch.arange(m).repeat(n)
+        itm_ref = model(pixel_values=pv_ref[img_idx], input_ids=ids[txt_idx], attention_mask=mask[txt_idx],
+                        use_image_text_matching_head=True).logits_per_image.float().numpy()
+        emb_ref = model.vision_model(pixel_values=pv_ref, return_dict=True).last_hidden_state.numpy()
+    itc_ref = itc_out.logits_per_image.float().numpy()
+
+    # runtime
+    imgs = rt.encode_images(pil, names=[str(getattr(f, "filename", f)) for f in files])
+    txts = rt.encode_texts(texts)
+    rep.stages.append(_stage("preprocess", pv_ref.numpy(), preprocess(pil, rt.manifest.preprocess), THRESHOLDS["fp32"]))
+    rep.stages.append(_stage("vision", emb_ref, imgs.embeds, t))
+    rep.stages.append(_stage("image_feats", itc_out.image_embeds.float().numpy(), imgs.feats, t))
+    rep.stages.append(_stage("text_feats", itc_out.text_embeds.float().numpy(), txts.feats, t))
+    itc = rt.similarity(imgs, txts)
+    pairs = [(i, j) for i in range(n) for j in range(m)]
+    itm = rt.itm(imgs, txts, pairs)
+    rep.itc_max_abs = float(np.abs(itc.astype(np.float64) - itc_ref).max())
+    rep.itm_max_abs = float(np.abs(itm.astype(np.float64) - itm_ref).max())
+
+    def order(matches):
+        return [[mt.index for mt in row] for row in matches]
+
+    rep.itc_rankings_equal = (order(rank(itc, 0, None)) == order(rank(itc_ref, 0, None))
+                              and order(rank(itc.T, 0, None)) == order(rank(itc_ref.T, 0, None)))
+    match_ref = itm_ref[:, 1].reshape(n, m)
+    got = rt.retrieve(imgs, txts, rerank_top_k=rerank_top_k)
+    ref_i2t = rank(itc_ref, rerank_top_k, lambda ps: np.array([match_ref[i, j] for i, j in ps]))
+    ref_t2i = rank(itc_ref.T, rerank_top_k, lambda ps: np.array([match_ref[i, j] for j, i in ps]))
+    rep.reranked_equal = order(got.i2t) == order(ref_i2t) and order(got.t2i) == order(ref_t2i)
+    for i in range(min(2, n)):
+        best = got.i2t[i][0]
+        rep.examples.append(f"  [{imgs.names[i]}] best text: {texts[best.index]!r} (score {best.score:+.4f}, "
+                            f"eager {ref_i2t[i][0].score:+.4f})")
+    return rep

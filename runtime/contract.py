@@ -132,11 +132,16 @@ def cross_kv_io(hidden: int, layers: int, heads: int, head_dim: int, dtype: str 
 
 
 def seq2seq_decoder_io(hidden: int, layers: int, heads: int, head_dim: int, vocab: int, dtype: str = "float32") -> GraphIO:
+    """Encoder-decoder LLM decoder: new decoder positions against the self-attention cache and the
+    cross-attention keys/values of ``cross_kv_io`` (computed once per input, never recomputed here).
+
+    Every row of a batch has the same decoder length (all start from decoder_start), so the absolute
+    position of the new tokens, which T5's relative position bias needs, is the past length itself.
+    """
     return GraphIO(
         inputs=(
             TensorSpec("decoder_inputs_embeds", dtype, ("batch", "seq", hidden)),
             TensorSpec("encoder_attention_mask", "int64", ("batch", "enc_seq")),
-            TensorSpec("cache_position", "int64", ("seq",)),
             *kv_specs("past", layers, heads, head_dim, "past", dtype),
             *kv_specs("cross", layers, heads, head_dim, "enc_seq", dtype),
         ),
@@ -144,4 +149,38 @@ def seq2seq_decoder_io(hidden: int, layers: int, heads: int, head_dim: int, voca
             TensorSpec("logits", "float32", ("batch", "seq", vocab)),
             *kv_specs("present", layers, heads, head_dim, "total", dtype),
         ),
+    )
+
+
+# -- retrieval (stage-1 model: ITC / ITM) ----------------------------------------------------------
+def image_features_io(patches: int, vision_hidden: int, num_query_tokens: int, embed_dim: int,
+                      dtype: str = "float32") -> GraphIO:
+    """ViT output -> Q-Former queries -> vision projection, L2-normalised per query."""
+    return GraphIO(
+        inputs=(TensorSpec("image_embeds", dtype, ("batch", patches, vision_hidden)),),
+        outputs=(TensorSpec("image_feats", "float32", ("batch", num_query_tokens, embed_dim)),),
+    )
+
+
+def text_features_io(embed_dim: int) -> GraphIO:
+    """Q-Former text encoder ([CLS] first) -> text projection of [CLS], L2-normalised."""
+    return GraphIO(
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", "text")),
+            TensorSpec("attention_mask", "int64", ("batch", "text")),
+        ),
+        outputs=(TensorSpec("text_feats", "float32", ("batch", embed_dim)),),
+    )
+
+
+def itm_io(patches: int, vision_hidden: int, dtype: str = "float32") -> GraphIO:
+    """Image-text matching over (image, text) pairs: queries + text through the Q-Former, ITM head on
+    the query outputs, averaged over queries -> logits [no match, match]."""
+    return GraphIO(
+        inputs=(
+            TensorSpec("image_embeds", dtype, ("batch", patches, vision_hidden)),
+            TensorSpec("input_ids", "int64", ("batch", "text")),
+            TensorSpec("attention_mask", "int64", ("batch", "text")),
+        ),
+        outputs=(TensorSpec("itm_logits", "float32", ("batch", 2)),),
     )

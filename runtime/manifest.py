@@ -9,6 +9,9 @@ through :func:`load_manifest`, which validates it and explains what is wrong.
 from __future__ import annotations
 
 import json
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,10 @@ from runtime.integrity import sha256_file
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
+RESAMPLE = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
+IO_DTYPES = ("float32", "float16", "int64", "int32")  # what a graph input or output may be
+KV_CACHE_MODES = ("concat", "shared_buffer")  # notes["ort_engine"]["kv_cache"], see runtime.decoder_only
+_MAX_SIZE = 1 << 24  # no model size, token id or length in a real manifest comes near this
 
 
 @dataclass(frozen=True)
@@ -210,12 +217,14 @@ class Manifest:
                         engines=tuple(_build(EngineRecord, e) for e in g.get("engines", [])),
                         notes=dict(g.get("notes", {})),
                     )
+            source, versions = d.get("source", {}), d.get("versions", {})
+            if not isinstance(source, dict) or not isinstance(versions, dict):
+                raise BundleError("manifest.json fields 'source' and 'versions' must be objects")
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"manifest.json is malformed: {type(e).__name__}: {e}") from None
-        m = Manifest(version, model, pre, gen, dims, graphs, files, dict(d.get("source", {})),
-                     dict(d.get("versions", {})))
+        m = Manifest(version, model, pre, gen, dims, graphs, files, dict(source), dict(versions))
         m.validate()
         return m
 
@@ -237,7 +246,11 @@ class Manifest:
         if g is GraphName.SEQ2SEQ_DECODER:
             return contract.seq2seq_decoder_io(m.llm_hidden, m.llm_layers, m.llm_heads, m.head_dim,
                                                m.vocab_size, dtype)
-        raise BundleError(f"graph {g.value!r} is not supported by this runtime version")
+        if g is GraphName.IMAGE_FEATURES:
+            return contract.image_features_io(m.patches, m.vision_hidden, m.num_query_tokens, m.embed_dim, dtype)
+        if g is GraphName.TEXT_FEATURES:
+            return contract.text_features_io(m.embed_dim)
+        return contract.itm_io(m.patches, m.vision_hidden, dtype)
 
     def validate(self) -> None:
         try:
@@ -249,21 +262,82 @@ class Manifest:
         for g in REQUIRED_GRAPHS[family]:
             if g.value not in self.graphs["fp32"]:
                 raise BundleError(f"manifest lists no {g.value!r} graph, which a {family.value} bundle needs")
+        self._validate_values()
         for prec, graphs in self.graphs.items():
             for name, rec in graphs.items():
                 try:
                     GraphName(name)
                 except ValueError:
                     raise BundleError(f"manifest lists unknown graph {name!r}") from None
+                if rec.name != name:
+                    raise BundleError(f"{prec} graph {name!r} has the record of graph {rec.name!r}")
                 got = [t.name for t in rec.io.inputs], [t.name for t in rec.io.outputs]
                 exp_io = self.expected_io(name)
                 exp = exp_io.input_names(), exp_io.output_names()
                 if got != exp:
                     raise BundleError(f"{prec} graph {name!r} IO in the manifest does not match this runtime's "
                                       f"contract (inputs {got[0]} vs {exp[0]})")
+                for t, e in zip((*rec.io.inputs, *rec.io.outputs), (*exp_io.inputs, *exp_io.outputs)):
+                    if t.dtype not in IO_DTYPES:
+                        raise BundleError(f"{prec} graph {name!r}: {t.name} has unknown dtype {t.dtype!r} "
+                                          f"(known: {', '.join(IO_DTYPES)})")
+                    if tuple(t.dims) != tuple(e.dims):
+                        raise BundleError(f"{prec} graph {name!r}: {t.name} has dims {list(t.dims)}, but the "
+                                          f"manifest's model facts give {list(e.dims)}")
+                _check_ort_engine(prec, rec)
         for io_dim in ("batch",):
             if io_dim not in self.dims:
                 raise BundleError(f"manifest has no range for dim {io_dim!r}")
+        if "tokenizer" not in self.files:
+            raise BundleError("manifest lists no 'tokenizer' file")
+        total = self.dims.get("total")
+        if total is not None and self.family is not Family.RETRIEVAL and self.model.max_context > total.max:
+            raise BundleError(f"manifest model.max_context={self.model.max_context} exceeds the graphs' "
+                              f"'total' range (max {total.max})")
+
+    def _validate_values(self) -> None:
+        """Numbers a runtime would trust: sizes positive, token ids inside the vocabulary, ranges ordered."""
+        m = self.model
+        for f in ("num_query_tokens", "image_size", "patches", "vision_hidden", "qformer_hidden", "llm_hidden",
+                  "llm_layers", "llm_heads", "head_dim", "vocab_size", "max_context", "embed_dim"):
+            _in_range(f"model.{f}", getattr(m, f), 1, _MAX_SIZE)
+        for f in ("bos_token_id", "pad_token_id", "decoder_start_token_id"):
+            if getattr(m, f) is not None:
+                _in_range(f"model.{f}", getattr(m, f), 0, m.vocab_size - 1)
+        for i in m.eos_token_ids:
+            _in_range("model.eos_token_ids", i, 0, m.vocab_size - 1)
+        if m.image_token_id is not None:
+            _in_range("model.image_token_id", m.image_token_id, 0, _MAX_SIZE)
+        p = self.preprocess
+        if (p.height, p.width) != (m.image_size, m.image_size):
+            raise BundleError(f"manifest preprocess size {p.height}x{p.width} differs from the vision graph's "
+                              f"input {m.image_size}x{m.image_size}")
+        if p.resample not in RESAMPLE:
+            raise BundleError(f"manifest preprocess.resample {p.resample!r} is not one of {', '.join(RESAMPLE)}")
+        if p.rescale_factor <= 0 or min(p.std) <= 0:
+            raise BundleError("manifest preprocess.rescale_factor and std must be > 0")
+        from runtime.errors import Blip2Error
+        from runtime.generation import GenerationConfig
+
+        g = self.generation
+        try:
+            GenerationConfig(max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, do_sample=g.do_sample,
+                             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                             repetition_penalty=g.repetition_penalty, length_penalty=g.length_penalty).validate()
+        except Blip2Error as e:
+            raise BundleError(f"manifest generation defaults are invalid: {e}") from None
+        for name, r in self.dims.items():
+            _in_range(f"dims.{name}.min", r.min, 0, _MAX_SIZE)
+            _in_range(f"dims.{name}.max", r.max, max(r.min, 1), _MAX_SIZE)
+        if "batch" in self.dims and self.dims["batch"].min < 1:
+            raise BundleError("manifest dims.batch.min must be >= 1")
+        for rec in [*self.files.values(), *(e for gs in self.graphs.values() for g in gs.values()
+                                           for e in (*g.external_data, *g.engines))]:
+            _in_range(f"size of {rec.file}", getattr(rec, "bytes", 0), 0, 1 << 50)
+        for rec in [*self.files.values(), *(g for gs in self.graphs.values() for g in gs.values()),
+                    *(e for gs in self.graphs.values() for g in gs.values() for e in (*g.external_data, *g.engines))]:
+            if not _is_sha256(rec.sha256):
+                raise BundleError(f"manifest sha256 of {rec.file} is not a 64-digit hex digest")
 
 
 REQUIRED_GRAPHS: dict[Family, list[GraphName]] = {
@@ -272,6 +346,28 @@ REQUIRED_GRAPHS: dict[Family, list[GraphName]] = {
                              GraphName.SEQ2SEQ_DECODER],
     Family.RETRIEVAL: [GraphName.VISION, GraphName.IMAGE_FEATURES, GraphName.TEXT_FEATURES, GraphName.ITM],
 }
+
+
+def _in_range(what: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise BundleError(f"manifest {what}={value} is out of range [{lo}, {hi}]")
+
+
+def _is_sha256(s: str) -> bool:
+    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
+
+
+def _check_ort_engine(prec: str, rec: GraphRecord) -> None:
+    """``notes["ort_engine"]`` tells the ORT backend which engine file to load and how to feed its cache."""
+    info = rec.notes.get("ort_engine")
+    if info is None:
+        return
+    engine_files = {e.file for e in rec.engines}
+    if not isinstance(info, dict) or info.get("file") not in engine_files \
+            or info.get("kv_cache", "concat") not in KV_CACHE_MODES:
+        raise BundleError(f"{prec} graph {rec.name!r}: notes.ort_engine must name one of its engine files "
+                          f"({', '.join(sorted(engine_files)) or 'none'}) and a kv_cache of "
+                          f"{', '.join(KV_CACHE_MODES)}")
 
 
 def _mapping(d: dict, key: str) -> dict:
@@ -284,12 +380,65 @@ def _mapping(d: dict, key: str) -> dict:
 def _build(cls, d: Any, tuples: tuple[str, ...] = ()):
     if not isinstance(d, dict):
         raise BundleError(f"manifest.json: expected an object for {cls.__name__}, got {type(d).__name__}")
-    known = set(cls.__dataclass_fields__)
-    kwargs = {k: (tuple(v) if k in tuples else v) for k, v in d.items() if k in known}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in d.items():
+        if k not in hints:
+            continue
+        if k in tuples and isinstance(v, list):
+            v = tuple(v)
+        if not _has_type(v, hints[k]):
+            shown = json.dumps(v)[:60] if _jsonable(v) else repr(v)[:60]
+            raise BundleError(f"manifest.json: {cls.__name__}.{k} must be {_type_name(hints[k])}, got {shown}")
+        kwargs[k] = v
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise BundleError(f"manifest.json: bad {cls.__name__}: {e}") from None
+
+
+def _has_type(v: Any, tp: Any) -> bool:
+    """``v`` (from JSON) fits the annotation ``tp``: ints are not bools, floats are finite numbers."""
+    if tp is Any:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(v, a) for a in args)
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if tp is str:
+        return isinstance(v, str)
+    if origin is tuple:
+        if not isinstance(v, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_has_type(x, args[0]) for x in v)
+        return len(v) == len(args) and all(_has_type(x, a) for x, a in zip(v, args))
+    if origin is list:
+        return isinstance(v, list) and all(_has_type(x, args[0]) for x in v)
+    if origin is dict:
+        return isinstance(v, dict) and all(_has_type(k, args[0]) and _has_type(x, args[1]) for k, x in v.items())
+    return isinstance(v, tp) if isinstance(tp, type) else True
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return "a number" if tp is float else f"{'an' if tp is int else 'a'} {tp.__name__}"
+    return str(tp).replace("typing.", "")
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def load_manifest(bundle: str | Path, *, verify: bool = True) -> Manifest:

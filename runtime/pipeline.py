@@ -40,6 +40,9 @@ class Blip2Runtime:
                  verify: bool = True, **backend_options):
         self.bundle = Path(bundle)
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
+        if self.manifest.family is Family.RETRIEVAL:
+            raise Blip2Error(f"{self.bundle} is a retrieval bundle: it ranks images against texts and does not "
+                             "generate", hint="use 'blip2-export retrieve' or runtime.retrieval.RetrievalRuntime")
         self.precision = precision
         self.manifest.graph(self.manifest.required_graphs()[0], precision)  # fails early if missing
         self.backend = create_backend(backend, **backend_options)
@@ -108,6 +111,11 @@ class Blip2Runtime:
                     f"{config.max_new_tokens} = {need} exceeds the bundle's context of {limit} positions",
                     hint="shorten the prompt, lower --max-new-tokens, or re-export with a larger --max-context",
                 )
+            if self.family is Family.ENCODER_DECODER:
+                self.manifest.dims["enc_seq"].check("visual tokens + prompt tokens", m.num_query_tokens + len(i),
+                                                    "--max-context")
+                self.manifest.dims["total"].check("decoder positions (1 + max_new_tokens)",
+                                                  1 + config.max_new_tokens, "--max-context")
         return ids
 
     def generate(self, images: Sequence[ImageLike] | None = None, prompts: Sequence[str] | str | None = None,
@@ -138,17 +146,17 @@ class Blip2Runtime:
         if config.num_beams > 1:
             self.manifest.dims["batch"].check("batch x num_beams", n * config.num_beams, "--max-batch")
         ids = self.encode_prompts(prompts, config)
-        model = self._step_model(prefix, ids)
+        model = self._step_model(prefix, ids, config.max_new_tokens)
         m = self.manifest.model
         seqs = generate(model, config, eos_token_ids=m.eos_token_ids, pad_token_id=m.pad_token_id, stream=stream)
         return [Generation(self.tokenizer.decode(s.token_ids).strip(), s.token_ids, s.finished) for s in seqs]
 
-    def _step_model(self, prefix: np.ndarray, prompt_ids: list[list[int]]):
+    def _step_model(self, prefix: np.ndarray, prompt_ids: list[list[int]], max_new_tokens: int | None = None):
         if self.family is Family.DECODER_ONLY:
             from runtime.decoder_only import DecoderOnlyModel
 
             return DecoderOnlyModel(self.manifest, self.graph(GraphName.DECODER), self._embed_table(), prefix,
-                                    prompt_ids)
+                                    prompt_ids, max_new_tokens=max_new_tokens)
         if self.family is Family.ENCODER_DECODER:
             from runtime.encoder_decoder import EncoderDecoderModel  # type: ignore[import-not-found]
 

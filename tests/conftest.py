@@ -14,6 +14,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
+def pytest_configure(config):
+    # The eager reference and ONNX Runtime share 2 cores in one process: torch's own thread pool
+    # fighting ORT's spinning workers made eager generate 20-40x slower. One torch thread is enough
+    # for the tiny and mid test models.
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from blip2_export.modelzoo import make_random_checkpoint
