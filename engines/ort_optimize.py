@@ -15,7 +15,9 @@ runtime must feed it (recorded in the manifest, see :data:`KV_SHARED`):
   (sequences are right-aligned to position 0, not left-padded);
 * ``attention_mask`` ``[batch, total]`` holds ones at ``[0, len_b)`` for the row's length after this
   call and zeros after it; the graph derives GroupQueryAttention's ``seqlens_k`` and
-  ``total_sequence_length`` from it.
+  ``total_sequence_length`` from it;
+* with ``notes["logits"] == "last"``, ``logits`` is ``[batch, 1, vocab]``: each row's newest position
+  only (the LM head no longer runs over the whole prompt at prefill).
 
 The plain exported graph stays in the bundle as the portable graph (TensorRT builds from it); the
 rewritten one is an ORT "engine" of it, built once at export and saved with its checksum.
@@ -255,8 +257,167 @@ def _prune(graph) -> None:
     graph.initializer.extend(inits)
 
 
-def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads: int, head_dim: int) -> tuple[
-        list[str], dict]:
+def last_position_logits(model) -> bool:
+    """Compute the LM head for one position per row instead of every position (engine protocol only).
+
+    A step model only ever uses the logits of each row's newest token; at prefill that is row ``b``'s
+    position ``len_b - 1`` (rows are aligned at 0), at a decode step the one new position. The LM head
+    (hidden x vocab, the largest matmul of a small LLM) then runs on 1 position per row instead of the
+    whole prompt, and ``logits`` becomes ``[batch, 1, vocab]``. Needs the mask nodes of
+    :func:`fuse_decoder_attention`. Returns False (graph unchanged) when the head is not found.
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    g = _Graph(model)
+    node = g.producer.get("logits")
+    while node is not None and node.op_type == "Cast":
+        node = g.producer.get(node.input[0])
+    if node is None or node.op_type != "MatMul" or g.const(node.input[1]) is None:
+        return False
+    p = "/ort_last"
+    states = node.input[0]
+    new = [
+        helper.make_node("Shape", [states], [f"{p}/shape"]),
+        helper.make_node("Gather", [f"{p}/shape", "/ort_gqa/one"], [f"{p}/seq"], axis=0),
+        helper.make_node("Sub", [f"{p}/seq", "/ort_gqa/one"], [f"{p}/seq_minus_1"]),
+        helper.make_node("Min", ["/ort_gqa/len_minus_1", f"{p}/seq_minus_1"], [f"{p}/index"]),
+        helper.make_node("Constant", [], [f"{p}/axes"], value=helper.make_tensor("v", TensorProto.INT64, [2], [1, 2])),
+        helper.make_node("Unsqueeze", [f"{p}/index", f"{p}/axes"], [f"{p}/index3"]),
+        helper.make_node("Constant", [], [f"{p}/ones2"], value=helper.make_tensor("v", TensorProto.INT64, [2], [1, 1])),
+        helper.make_node("Constant", [], [f"{p}/from2"], value=helper.make_tensor("v", TensorProto.INT64, [1], [2])),
+        helper.make_node("Constant", [], [f"{p}/to3"], value=helper.make_tensor("v", TensorProto.INT64, [1], [3])),
+        helper.make_node("Slice", [f"{p}/shape", f"{p}/from2", f"{p}/to3"], [f"{p}/width"]),
+        helper.make_node("Concat", [f"{p}/ones2", f"{p}/width"], [f"{p}/target"], axis=0),
+        helper.make_node("Expand", [f"{p}/index3", f"{p}/target"], [f"{p}/index_b1d"]),
+        helper.make_node("GatherElements", [states, f"{p}/index_b1d"], [f"{p}/last"], axis=1),
+    ]
+    node.input[0] = f"{p}/last"
+    nodes = list(graph.node)
+    at = nodes.index(node)
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + new + nodes[at:])
+    return True
+
+
+INT8_MODES = ("fold", "nbits")
+
+
+def fold_int8_weights(model) -> int:
+    """Replace each ``DequantizeLinear`` of a constant int8 weight by its fp32 result, computed once.
+
+    The weight-only int8 recipe dequantizes its weights in the graph, and ONNX Runtime's CPU provider
+    keeps ``DequantizeLinear`` out of constant folding, so it would rebuild every fp32 weight at every
+    step. Folding gives exactly the values the graph computes (int8 * scale, in fp32) without the
+    per-step work; the step then reads fp32 weights. Returns the number of weights folded.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    g = _Graph(model)
+    folded = 0
+    drop_nodes: set[str] = set()
+    drop_inits: set[str] = set()
+    new_inits: list = []
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        q, scale = g.const(dq.input[0]), g.const(dq.input[1])
+        zero = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        if q is None or scale is None or q.dtype != np.int8 or dq.input[0] not in g.inits:
+            continue
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        if scale.size > 1:
+            shape[axis] = -1
+        zp = 0 if zero is None else zero.astype(np.int32).reshape(shape)
+        w = ((q.astype(np.int32) - zp).astype(np.float32) * scale.astype(np.float32).reshape(shape))
+        new_inits.append(numpy_helper.from_array(w.astype(np.float32), dq.output[0]))
+        drop_nodes.add(dq.name)
+        drop_inits.update(x for x in dq.input if x in g.inits)
+        folded += 1
+    if folded:
+        kept = [n for n in graph.node if n.name not in drop_nodes]
+        del graph.node[:]
+        graph.node.extend(kept)
+        inits = [t for t in graph.initializer if t.name not in drop_inits] + new_inits
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
+        _prune(graph)
+    return folded
+
+
+def lower_int8_weights(model) -> int:
+    """Replace ``DequantizeLinear(int8 weight) -> MatMul/Gemm`` by ``com.microsoft.MatMulNBits`` (8 bits).
+
+    Opt-in (``int8="nbits"``): MatMulNBits reads the int8 bytes directly (half the memory traffic of
+    fp32 per step), but its fast CPU kernel (``accuracy_level`` 4) also quantizes the activations per
+    block at run time: W8A8 rather than the recipe's weight-only int8. Check parity before using it
+    (on the tiny test model it drops token agreement below the int8 threshold). Symmetric per-channel
+    weights map exactly (uint8 with zero point 128, the channel's scale repeated over its blocks).
+    Returns the number of layers lowered; anything else is left alone.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    g = _Graph(model)
+    lowered = 0
+    drop_nodes: set[str] = set()
+    drop_inits: set[str] = set()
+    new_inits, adds = [], []
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        q, scale = g.const(dq.input[0]), g.const(dq.input[1])
+        zero = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        users = g.consumers.get(dq.output[0], [])
+        if (q is None or scale is None or q.dtype != np.int8 or q.ndim != 2 or len(users) != 1
+                or (zero is not None and zero.any()) or dq.input[0] not in g.inits):
+            continue
+        mm = users[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in mm.attribute}
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        if mm.op_type == "MatMul" and len(mm.input) == 2 and mm.input[1] == dq.output[0]:
+            trans_b, bias = False, None
+        elif (mm.op_type == "Gemm" and mm.input[1] == dq.output[0] and not attrs.get("transA", 0)
+              and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0):
+            trans_b, bias = bool(attrs.get("transB", 0)), (mm.input[2] if len(mm.input) > 2 and mm.input[2] else None)
+        else:
+            continue
+        w_nk = q if trans_b else q.T  # [N, K]
+        channel_axis = 0 if trans_b else 1
+        if axis % 2 != channel_axis or scale.size != w_nk.shape[0]:
+            continue
+        n_out, k = w_nk.shape
+        block = next((b for b in (256, 128, 64, 32, 16) if k % b == 0), None)
+        if block is None:
+            continue
+        blocks = k // block
+        name = dq.input[0] + "__nbits"
+        packed = (w_nk.astype(np.int16) + 128).astype(np.uint8).reshape(n_out, blocks, block)
+        new_inits += [numpy_helper.from_array(packed, name),
+                      numpy_helper.from_array(np.repeat(scale.astype(np.float32).reshape(-1), blocks), name + "_scales"),
+                      numpy_helper.from_array(np.full(n_out * blocks, 128, np.uint8), name + "_zero_points")]
+        out = mm.output[0] if bias is None else mm.output[0] + "__nobias"
+        adds.append(helper.make_node("MatMulNBits", [mm.input[0], name, name + "_scales", name + "_zero_points"],
+                                     [out], name=mm.name + "__nbits", domain="com.microsoft", K=k, N=n_out, bits=8,
+                                     block_size=block, accuracy_level=4))
+        if bias is not None:
+            adds.append(helper.make_node("Add", [out, bias], [mm.output[0]], name=mm.name + "__bias"))
+        drop_nodes.update((dq.name, mm.name))
+        drop_inits.update(x for x in dq.input if x in g.inits)
+        lowered += 1
+    if not lowered:
+        return 0
+    kept = [n for n in graph.node if n.name not in drop_nodes]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _toposort_append(graph, adds)
+    inits = [t for t in graph.initializer if t.name not in drop_inits] + new_inits
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    _prune(graph)
+    return lowered
+
+
+def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads: int, head_dim: int,
+                         int8: str = "fold") -> tuple[list[str], dict]:
     """Read the exported decoder at ``src``, fuse its attention, write the ORT engine graph at ``dst``.
 
     Returns (external data files written beside ``dst``, notes for the manifest). Written through a
@@ -266,8 +427,19 @@ def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads
 
     model = load_model(src)
     result = fuse_decoder_attention(model, layers=layers, heads=heads, head_dim=head_dim)
+    if int8 not in INT8_MODES:
+        raise Blip2Error(f"unknown int8 engine mode {int8!r}; choose one of: {', '.join(INT8_MODES)}")
+    lowered = lower_int8_weights(model) if int8 == "nbits" else 0
+    folded = fold_int8_weights(model)
+    last = last_position_logits(model)
     ext = save_model_atomic(model, Path(dst))
-    notes = dict(result.notes, nodes_before=result.nodes_before, nodes_after=result.nodes_after)
+    notes = dict(result.notes, nodes_before=result.nodes_before, nodes_after=len(model.graph.node),
+                 logits="last" if last else "all")
+    if lowered:
+        notes["int8_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 8, "accuracy_level": 4,
+                                "layers": lowered, "activations": "quantized per block at run time"}
+    if folded:
+        notes["int8_weights_folded"] = folded  # DequantizeLinear computed once: fp32 weights, same values
     return ext, notes
 
 
@@ -277,7 +449,7 @@ def engine_record_fields() -> dict:
     return {"backend": "ort", "device_name": "cpu", "compute_capability": "", "backend_version": ort.__version__}
 
 
-def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None):
+def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None, int8: str = "fold"):
     """Build the ORT engine of decoder ``record`` inside ``bundle_dir``; return the record with it attached.
 
     The engine is listed in ``record.engines`` (file + sha256, checked like every bundle file) and
@@ -295,7 +467,7 @@ def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None)
     m = model_facts
     try:
         ext, notes = build_decoder_engine(bundle_dir / record.file, bundle_dir / dst, layers=m.llm_layers,
-                                          heads=m.llm_heads, head_dim=m.head_dim)
+                                          heads=m.llm_heads, head_dim=m.head_dim, int8=int8)
     except PatternError as e:
         if warn is not None:
             warn(f"no ORT engine for {record.file}: {e}")
@@ -310,7 +482,8 @@ def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None)
                                notes={**record.notes, "ort_engine": notes})
 
 
-def add_ort_engines(bundle: str | Path, precisions: tuple[str, ...] | None = None, *, warn=None) -> list[str]:
+def add_ort_engines(bundle: str | Path, precisions: tuple[str, ...] | None = None, *, force: bool = False,
+                    warn=None, int8: str = "fold") -> list[str]:
     """Build ORT engines for the decoder graphs of an existing bundle that lack one; rewrite its manifest.
 
     For bundles exported without the engine, or precisions added later by ``blip2-export build``.
@@ -328,13 +501,20 @@ def add_ort_engines(bundle: str | Path, precisions: tuple[str, ...] | None = Non
     done = []
     for prec, gs in graphs.items():
         rec = gs.get(GraphName.DECODER.value)
-        if rec is None or "ort_engine" in rec.notes or (precisions is not None and prec not in precisions):
+        if rec is None or (precisions is not None and prec not in precisions):
             continue
-        new = attach_ort_engine(bundle, rec, m.model, warn=warn)
+        if "ort_engine" in rec.notes:
+            if not force:
+                continue
+            old = {rec.notes["ort_engine"].get("file"), *rec.notes["ort_engine"].get("external_data", [])}
+            rec = dataclasses.replace(rec, engines=tuple(e for e in rec.engines if e.file not in old),
+                                      notes={k: v for k, v in rec.notes.items() if k != "ort_engine"})
+            gs[GraphName.DECODER.value] = rec
+        new = attach_ort_engine(bundle, rec, m.model, warn=warn, int8=int8)
         if new is not rec:
             gs[GraphName.DECODER.value] = new
             done.append(prec)
-    if done:
+    if done or force:
         atomic_write_text(bundle / MANIFEST_NAME, dataclasses.replace(m, graphs=graphs).dumps())
         (bundle / MANIFEST_NAME).chmod(0o644)  # a bundle is meant to be shared
     return done

@@ -28,6 +28,7 @@ RESAMPLE = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 IO_DTYPES = ("float32", "float16", "int64", "int32")  # what a graph input or output may be
 KV_CACHE_MODES = ("concat", "shared_buffer")  # notes["ort_engine"]["kv_cache"], see runtime.decoder_only
 _MAX_SIZE = 1 << 24  # no model size, token id or length in a real manifest comes near this
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -331,13 +332,11 @@ class Manifest:
             _in_range(f"dims.{name}.max", r.max, max(r.min, 1), _MAX_SIZE)
         if "batch" in self.dims and self.dims["batch"].min < 1:
             raise BundleError("manifest dims.batch.min must be >= 1")
-        for rec in [*self.files.values(), *(e for gs in self.graphs.values() for g in gs.values()
-                                           for e in (*g.external_data, *g.engines))]:
-            _in_range(f"size of {rec.file}", getattr(rec, "bytes", 0), 0, 1 << 50)
-        for rec in [*self.files.values(), *(g for gs in self.graphs.values() for g in gs.values()),
-                    *(e for gs in self.graphs.values() for g in gs.values() for e in (*g.external_data, *g.engines))]:
-            if not _is_sha256(rec.sha256):
-                raise BundleError(f"manifest sha256 of {rec.file} is not a 64-digit hex digest")
+        for name, digest, size in iter_files(self):
+            if size is not None:
+                _in_range(f"size of {name}", size, 0, 1 << 50)
+            if not _is_sha256(digest):
+                raise BundleError(f"manifest sha256 of {name} is not a 64-digit hex digest")
 
 
 REQUIRED_GRAPHS: dict[Family, list[GraphName]] = {
@@ -450,9 +449,16 @@ def load_manifest(bundle: str | Path, *, verify: bool = True) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{bundle} has no {MANIFEST_NAME}: not a blip2-export bundle (or an interrupted export)")
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path} is {path.stat().st_size} bytes; a manifest is never over "
+                              f"{MAX_MANIFEST_BYTES} (is this the right file?)")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BundleError(f"{path} is not a manifest: its JSON is nested too deeply") from None
+    except OSError as e:
+        raise BundleError(f"cannot read {path}: {e.strerror or e}") from None
     m = Manifest.from_json(raw)
     if verify:
         verify_files(bundle, m)

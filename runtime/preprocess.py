@@ -28,45 +28,55 @@ def load_image(src: ImageLike):
     """Open ``src`` (path, bytes, HxWxC uint8 array or PIL image) as an RGB-ready PIL image.
 
     EXIF orientation is applied. Raises ``InputError`` naming the problem for a missing, empty,
-    truncated or non-image file.
+    truncated or non-image file, an image over :data:`MAX_PIXELS` (checked from the header, before
+    any pixel is decoded) or an argument of another type.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    if isinstance(src, Image.Image):
-        img = src
-    elif isinstance(src, np.ndarray):
+    if isinstance(src, np.ndarray):
         return _from_array(src)
+    if isinstance(src, memoryview):
+        src = src.tobytes()
+    if not isinstance(src, (str, os.PathLike, bytes, bytearray, Image.Image)):
+        raise InputError(f"an image must be a file path, bytes, a numpy array or a PIL image; "
+                         f"got {type(src).__name__}")
+    if isinstance(src, Image.Image):
+        name = "image"
     else:
         name = "image bytes" if isinstance(src, (bytes, bytearray)) else str(src)
-        try:
-            if isinstance(src, (bytes, bytearray)):
-                img = Image.open(io.BytesIO(src))
-            else:
-                p = Path(src)
-                if not p.exists():
-                    raise InputError(f"image not found: {p}")
-                if p.is_dir():
-                    raise InputError(f"{p} is a folder, not an image file")
-                if p.stat().st_size == 0:
-                    raise InputError(f"image file is empty: {p}")
-                img = Image.open(p)
-            img.load()
-        except InputError:
-            raise
-        except UnidentifiedImageError:
-            raise InputError(f"{name} is not an image PIL can read (JPEG, PNG, ...)") from None
-        except Image.DecompressionBombError:
-            raise InputError(f"{name} is too large (over {MAX_PIXELS} pixels)") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise InputError(f"{name} is corrupt or truncated: {e}") from None
-    if img.width < 1 or img.height < 1:
-        raise InputError("image has no pixels")
-    if img.width * img.height > MAX_PIXELS:
-        raise InputError(f"image of {img.width}x{img.height} is too large (over {MAX_PIXELS} pixels)")
+    try:
+        if isinstance(src, Image.Image):
+            img = src
+        elif isinstance(src, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(src))
+        else:
+            if not str(src):
+                raise InputError("image path is empty")
+            p = Path(src)
+            if not p.exists():
+                raise InputError(f"image not found: {p}")
+            if p.is_dir():
+                raise InputError(f"{p} is a folder, not an image file")
+            if p.stat().st_size == 0:
+                raise InputError(f"image file is empty: {p}")
+            img = Image.open(p)
+        if img.width < 1 or img.height < 1:
+            raise InputError(f"{name} has no pixels")
+        if img.width * img.height > MAX_PIXELS:  # from the header: refuse before decoding (memory)
+            raise InputError(f"{name} of {img.width}x{img.height} is too large (over {MAX_PIXELS} pixels)")
+        img.load()
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError(f"{name} is not an image PIL can read (JPEG, PNG, ...)") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"{name} is too large (over {MAX_PIXELS} pixels)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InputError(f"{name} is corrupt or truncated: {e}") from None
     try:
         img = ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - a broken EXIF block should not reject a decodable image
+    except Exception:  # noqa: BLE001, S110 - a broken EXIF block should not reject a decodable image
         pass
     return img
 
@@ -81,13 +91,21 @@ def _from_array(arr: np.ndarray):
         raise InputError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4; got shape {tuple(arr.shape)}")
     if a.shape[0] < 1 or a.shape[1] < 1:
         raise InputError("image array has no pixels")
+    if a.shape[0] * a.shape[1] > MAX_PIXELS:
+        raise InputError(f"image array of {a.shape[1]}x{a.shape[0]} is too large (over {MAX_PIXELS} pixels)")
     if a.dtype != np.uint8:
-        if np.issubdtype(a.dtype, np.floating):
+        if a.dtype == np.bool_:
+            a = a.astype(np.uint8) * 255
+        elif np.issubdtype(a.dtype, np.floating):
             if not np.isfinite(a).all():
                 raise InputError("image array contains NaN or Inf")
             a = np.clip(a * 255.0 if a.max() <= 1.0 else a, 0, 255).round().astype(np.uint8)
-        else:
+        elif a.dtype == np.uint16:  # 16-bit camera data: scaled like a 16-bit PNG, not clipped
+            a = (a.astype(np.float64) * (255.0 / 65535.0)).round().astype(np.uint8)
+        elif np.issubdtype(a.dtype, np.integer):
             a = np.clip(a, 0, 255).astype(np.uint8)
+        else:
+            raise InputError(f"image array must hold integers or floats, not {a.dtype}")
     if a.shape[2] == 1:
         return Image.fromarray(a[:, :, 0], mode="L")
     return Image.fromarray(a, mode="RGB" if a.shape[2] == 3 else "RGBA")
@@ -99,7 +117,7 @@ def to_rgb(img):
 
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         a = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         a = np.clip(a / hi * 255.0, 0, 255).round().astype(np.uint8)
@@ -116,9 +134,12 @@ def preprocess(images: list, cfg: Preprocess) -> np.ndarray:
     std = np.asarray(cfg.std, dtype=np.float64)[:, None, None]
     for i, src in enumerate(images):
         img = load_image(src)
-        if cfg.convert_rgb:
-            img = to_rgb(img)
-        img = img.resize((cfg.width, cfg.height), resample=_RESAMPLE.get(cfg.resample, 3))
+        try:
+            if cfg.convert_rgb:
+                img = to_rgb(img)
+            img = img.resize((cfg.width, cfg.height), resample=_RESAMPLE.get(cfg.resample, 3))
+        except (OSError, ValueError) as e:  # a mode PIL cannot convert, a frame that fails to decode late
+            raise InputError(f"image {i} ({img.mode} {img.width}x{img.height}) cannot be used: {e}") from None
         a = np.asarray(img, dtype=np.uint8)
         if a.ndim == 2:
             a = np.repeat(a[:, :, None], 3, axis=2)

@@ -25,6 +25,10 @@ class TextTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise InputError(f"prompt must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates (e.g. undecodable bytes kept by surrogateescape)
+            raise InputError(f"prompt is not valid Unicode text: {e.reason} at character {e.start}") from None
         if any(ord(ch) in _CONTROL for ch in text):
             text = "".join(" " if ord(ch) in _CONTROL else ch for ch in text)
         return list(self._tk.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -42,6 +46,9 @@ def load_embeddings(path: str | Path) -> np.ndarray:
         table = np.load(str(path), mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
         raise BundleError(f"cannot read embedding table {Path(path).name}: {e}") from None
-    if table.ndim != 2:
-        raise BundleError(f"embedding table {Path(path).name} must be 2-D, got shape {table.shape}")
+    if not isinstance(table, np.ndarray):  # an .npz archive
+        raise BundleError(f"embedding table {Path(path).name} is not a single .npy array")
+    if table.ndim != 2 or table.dtype.kind != "f":
+        raise BundleError(f"embedding table {Path(path).name} must be a 2-D float array, got {table.dtype} "
+                          f"of shape {table.shape}")
     return table

@@ -38,6 +38,7 @@ def test_export_writes_an_engine_with_fused_attention(tiny_bundle):
     rec = m.graph(GraphName.DECODER)
     info = rec.notes["ort_engine"]
     assert info["kv_cache"] == KV_SHARED and info["layers_fused"] == m.model.llm_layers
+    assert info["logits"] == "last"  # the LM head runs on one position per row
     assert [e.file for e in rec.engines if e.backend == "ort"] == [info["file"]]
     g = onnx.load(str(tiny_bundle / info["file"])).graph
     ops = [n.op_type for n in g.node]
@@ -110,7 +111,7 @@ def test_binding_writes_outputs_into_caller_buffers(tiny_bundle):
     b.input("position_ids", np.arange(3)[None])
     calls = dec.calls
     out = b.run()
-    assert set(out) == {"logits"} and out["logits"].shape == (1, 3, m.vocab_size)
+    assert set(out) == {"logits"} and out["logits"].shape == (1, 1, m.vocab_size)  # newest position only
     assert dec.calls == calls + 1
     assert np.abs(buf["past.0.key"][0, :, :3]).sum() > 0 and not buf["past.0.key"][0, :, 3:].any()
     with pytest.raises(Exception, match="C-contiguous"):
@@ -142,3 +143,47 @@ def test_add_engines_to_an_existing_bundle(bundle_copy):
     assert add_ort_engines(bundle_copy) == []  # already there
     load_manifest(bundle_copy, verify=True)  # checksums of the new engine are recorded
     assert _runtime(bundle_copy, True).graph(GraphName.DECODER).kv_cache == KV_SHARED
+
+
+@pytest.mark.parametrize("mode", ["fold", "nbits"])
+def test_weight_only_int8_engine(tiny_bundle, tmp_path, mode):
+    """fold (default): DequantizeLinear of int8 weights computed once, same values as the int8 graph.
+    nbits (opt-in): one MatMulNBits per layer reads the int8 bytes (activations quantized at run time)."""
+    import onnxruntime as ort
+
+    from engines.int8 import quantize_weights
+    from engines.onnx_utils import save_model_atomic
+    from engines.ort_optimize import build_decoder_engine
+
+    m = load_manifest(tiny_bundle)
+    rec = m.graph(GraphName.DECODER)
+    q = quantize_weights(tiny_bundle / rec.file, "decoder", rec.io)
+    dq = sum(n.op_type == "DequantizeLinear" for n in q.model.graph.node)
+    assert dq > 0
+    save_model_atomic(q.model, tmp_path / "decoder.int8.onnx")
+    _, notes = build_decoder_engine(tmp_path / "decoder.int8.onnx", tmp_path / "engine.onnx", int8=mode,
+                                    layers=m.model.llm_layers, heads=m.model.llm_heads, head_dim=m.model.head_dim)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "engine.onnx")).graph.node]
+    assert "DequantizeLinear" not in ops
+    if mode == "nbits":
+        assert notes["int8_matmul"]["layers"] == dq and ops.count("MatMulNBits") == dq
+    else:
+        assert notes["int8_weights_folded"] == dq and "MatMulNBits" not in ops
+
+    f = m.model
+    x = np.random.default_rng(0).normal(size=(1, 6, f.llm_hidden)).astype(np.float32)
+    base = {"inputs_embeds": x, "attention_mask": np.ones((1, 6), np.int64), "position_ids": np.arange(6)[None]}
+    so = ort.SessionOptions()  # the graph's own arithmetic (ORT's optimizer would fuse some DQ+MatMul itself)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(tmp_path / "decoder.int8.onnx"), so, providers=["CPUExecutionProvider"])
+    empty = np.zeros((1, f.llm_heads, 0, f.head_dim), np.float32)
+    ref = plain.run(["logits"], {**base, **{t.name: empty for t in rec.io.inputs[3:]}})[0][:, -1:]
+    engine = ort.InferenceSession(str(tmp_path / "engine.onnx"), providers=["CPUExecutionProvider"])
+    cache = {t.name: np.zeros((1, f.llm_heads, 8, f.head_dim), np.float32) for t in rec.io.inputs[3:]}
+    got = engine.run(["logits"], {**base, **cache})[0]  # the engine computes the newest position only
+    assert got.shape == ref.shape
+    if mode == "fold":
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    else:
+        cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+        assert cos > 0.999 and ref.argmax(-1) == got.argmax(-1)

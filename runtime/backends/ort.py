@@ -1,4 +1,14 @@
-"""ONNX Runtime backend."""
+"""ONNX Runtime backend.
+
+``OrtGraph.run(feeds) -> dict`` is the plain interface every caller can use. For the decoder's hot
+loop there is also :class:`OrtBinding` (ORT IO binding): inputs are passed by pointer, and outputs
+can be written straight into caller-owned buffers, including the very buffers that are bound as
+inputs (the in-place KV cache of an ORT engine build, see ``engines.ort_optimize``).
+
+When the bundle holds an ORT engine build of a graph (``EngineRecord`` with ``backend="ort"``, made
+once at export), the backend loads it instead of the portable graph and says how its KV cache must be
+fed (:attr:`OrtGraph.kv_cache`).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +18,28 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import Blip2Error, require
-from runtime.manifest import GraphRecord
+from runtime.manifest import EngineRecord, GraphRecord
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+KV_CONCAT = "concat"  # past in, past + new out (the exported graph)
 
 
 class OrtGraph:
     """One ONNX Runtime session. ``run`` is thread-safe (ORT sessions allow concurrent ``run``)."""
 
-    def __init__(self, session, record: GraphRecord):
+    def __init__(self, session, record: GraphRecord, *, kv_cache: str = KV_CONCAT, engine: str | None = None):
         self.session = session
         self.record = record
+        self.kv_cache = kv_cache  # "concat" or engines.ort_optimize.KV_SHARED
+        self.engine = engine  # file of the ORT engine build that was loaded, None for the portable graph
         self.calls = 0
         self._lock = threading.Lock()
         self._inputs = [t.name for t in record.io.inputs]
         self._outputs = [t.name for t in record.io.outputs]
-        self._dtypes = {t.name: _DTYPES[t.dtype] for t in record.io.inputs}
+        self._dtypes = {t.name: _DTYPES[t.dtype] for t in (*record.io.inputs, *record.io.outputs)}
         got = [i.name for i in session.get_inputs()]
         if got != self._inputs:
-            raise Blip2Error(f"graph {record.file} inputs {got} differ from the manifest's {self._inputs}",
+            raise Blip2Error(f"graph {engine or record.file} inputs {got} differ from the manifest's {self._inputs}",
                              hint="re-export the bundle")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -35,15 +48,70 @@ class OrtGraph:
             raise Blip2Error(f"graph {self.record.name}: missing inputs {missing}")
         args = {n: np.ascontiguousarray(feeds[n], dtype=self._dtypes[n]) for n in self._inputs}
         outs = self.session.run(self._outputs, args)
+        self._count()
+        return dict(zip(self._outputs, outs))
+
+    def binding(self) -> OrtBinding:
+        """A new IO binding for repeated runs of this graph (one per request: not shared across threads)."""
+        return OrtBinding(self)
+
+    def _count(self) -> None:
         with self._lock:
             self.calls += 1
-        return dict(zip(self._outputs, outs))
+
+
+class OrtBinding:
+    """Inputs bound by pointer, outputs bound to caller buffers or left to ORT, kept across runs.
+
+    Rebinding a name replaces it; bound arrays are referenced here so they outlive the runs. Outputs
+    not bound to a buffer come back from :meth:`run` as numpy arrays.
+    """
+
+    def __init__(self, graph: OrtGraph):
+        self.graph = graph
+        self._io = graph.session.io_binding()
+        self._keep: dict[str, np.ndarray] = {}
+        self._out_order: list[str] = []  # ORT returns outputs in the order they were first bound
+        self._fetch: set[str] = set()
+
+    def input(self, name: str, array: np.ndarray) -> None:
+        a = np.ascontiguousarray(array, dtype=self.graph._dtypes[name])
+        self._keep[name] = a
+        self._io.bind_cpu_input(name, a)
+
+    def output(self, name: str, buffer: np.ndarray | None = None) -> None:
+        """Bind output ``name`` to ``buffer`` (C-contiguous, the output's exact shape), or let ORT allocate it."""
+        if name not in self._out_order:
+            self._out_order.append(name)
+        if buffer is None:
+            self._io.bind_output(name, "cpu")
+            self._fetch.add(name)
+            return
+        if not buffer.flags.c_contiguous or buffer.dtype != self.graph._dtypes[name]:
+            raise Blip2Error(f"output buffer for {name} must be C-contiguous {self.graph._dtypes[name].__name__}")
+        self._keep["out:" + name] = buffer
+        self._io.bind_output(name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+        self._fetch.discard(name)
+
+    def run(self) -> dict[str, np.ndarray]:
+        """Run once; return the outputs ORT allocated (those bound to buffers are already in place)."""
+        for name in self._fetch:  # a fresh ORT allocation each run: output shapes change between runs
+            self._io.bind_output(name, "cpu")
+        self.graph.session.run_with_iobinding(self._io)
+        self.graph._count()
+        if not self._fetch:
+            return {}
+        values = self._io.get_outputs()
+        return {n: values[i].numpy() for i, n in enumerate(self._out_order) if n in self._fetch}
 
 
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, providers: list[str] | None = None, threads: int | None = None, optimize: bool = True):
+    def __init__(self, providers: list[str] | None = None, threads: int | None = None, optimize: bool = True,
+                 engines: bool = True):
+        """``optimize``: ORT graph optimizations at load; ``engines``: load ORT engine builds of graphs
+        (fused attention, in-place KV cache) when the bundle has them, else the portable graphs."""
         self.ort = require("onnxruntime", "cpu")
         available = self.ort.get_available_providers()
         self.providers = providers or ["CPUExecutionProvider"]
@@ -54,6 +122,7 @@ class OrtBackend:
                              f"(available: {', '.join(available)})", hint=f"pip install 'blip2-export[{extra}]'")
         self.threads = threads
         self.optimize = optimize
+        self.engines = engines
 
     def session_options(self):
         so = self.ort.SessionOptions()
@@ -62,14 +131,29 @@ class OrtBackend:
         if self.threads:
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
+        so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
         return so
 
+    def engine_for(self, record: GraphRecord) -> tuple[EngineRecord, dict] | None:
+        """The ORT engine build of ``record`` this backend can run, with its manifest notes, or None."""
+        info = record.notes.get("ort_engine")
+        if not self.engines or not isinstance(info, dict) or self.providers != ["CPUExecutionProvider"]:
+            return None
+        for e in record.engines:
+            if e.backend == "ort" and e.file == info.get("file"):
+                return e, info
+        return None
+
     def load(self, bundle: Path, record: GraphRecord) -> OrtGraph:
-        path = Path(bundle) / record.file
+        found = self.engine_for(record)
+        file = found[0].file if found else record.file
+        path = Path(bundle) / file
         try:
             sess = self.ort.InferenceSession(str(path), sess_options=self.session_options(),
                                              providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            raise Blip2Error(f"ONNX Runtime cannot load {record.file}: {str(e).splitlines()[0]}") from None
+            raise Blip2Error(f"ONNX Runtime cannot load {file}: {str(e).splitlines()[0]}") from None
+        if found:
+            return OrtGraph(sess, record, kv_cache=str(found[1].get("kv_cache", KV_CONCAT)), engine=file)
         return OrtGraph(sess, record)

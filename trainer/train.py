@@ -1,0 +1,301 @@
+"""The training loop shared by every stage: one process or many (``torchrun``, DDP over gloo on CPU).
+
+A *task* (see ``trainer/tasks.py`` and ``trainer/unimodal.py``) supplies the model, the batches, an
+evaluation and how to save the result; this file owns everything else:
+
+* AdamW (no weight decay on biases, norms and 1-d parameters), linear warmup then cosine decay;
+* one autocast context (bf16 where the CPU supports it), gradient accumulation, clipping;
+* a deterministic data order and per-step seeds, so a run resumed from a checkpoint continues the very
+  same curve and N processes see the same global batch as one;
+* checkpoints (model, optimizer, scheduler, step, config) written to a temporary file and renamed,
+  ``--resume latest`` to continue after a kill; rank-0 logging with a progress bar and periodic eval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from runtime.errors import Blip2Error
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest.pt"
+
+
+@dataclass
+class LoopConfig:
+    out: str
+    steps: int = 1000
+    batch_size: int = 64  # global micro-batch: split over the ranks
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 50
+    weight_decay: float = 0.05
+    beta2: float = 0.98
+    clip: float = 1.0
+    precision: str = "auto"  # auto | bf16 | fp32
+    eval_every: int = 0
+    ckpt_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    resume: str | None = None  # "latest" or a checkpoint path
+    progress: bool = True
+
+    def validate(self, world: int) -> None:
+        if self.steps < 1:
+            raise Blip2Error(f"--steps must be >= 1 (got {self.steps})")
+        if self.batch_size % world:
+            raise Blip2Error(f"--batch-size {self.batch_size} must be divisible by the number of processes {world}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise Blip2Error(f"--precision {self.precision!r}: choose auto, bf16 or fp32")
+
+
+class Task(Protocol):
+    name: str
+    n_train: int
+
+    def build(self) -> nn.Module: ...  # forward(**batch) -> (loss, {name: tensor})
+    def batch(self, indices: torch.Tensor, step: int) -> dict[str, Any]: ...
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+    def save(self, model: nn.Module, folder: Path) -> None: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Initialise gloo when launched by torchrun (``RANK``/``WORLD_SIZE`` set); return (rank, world)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def bf16_supported() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_context(precision: str):
+    use = precision == "bf16" or (precision == "auto" and bf16_supported())
+    if use:
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") or "query_tokens" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: LoopConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+class DataOrder:
+    """Sample position p of the run -> dataset index, from one seeded permutation per epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(positions)
+        epochs = positions // self.n
+        for e in epochs.unique().tolist():
+            if e not in self._perms:
+                self._perms = {k: v for k, v in self._perms.items() if k >= e - 1}
+                g = torch.Generator().manual_seed(self.seed * 100_003 + e)
+                self._perms[e] = torch.randperm(self.n, generator=g)
+            sel = epochs == e
+            out[sel] = self._perms[e][positions[sel] % self.n]
+        return out
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: dict) -> None:
+    """Write the checkpoint to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step, "config": config}
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def resolve_resume(resume: str | None, out: Path) -> Path | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        p = out / CKPT_DIR / LATEST
+        return p if p.is_file() else None  # nothing yet: start from scratch (open_clip behaviour)
+    p = Path(resume)
+    if not p.is_file():
+        raise Blip2Error(f"--resume {resume}: no such checkpoint", hint="use --resume latest or a .pt path")
+    return p
+
+
+def _log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+def train(task: Task, cfg: LoopConfig) -> list[dict]:
+    """Run ``task`` for ``cfg.steps`` optimizer steps; return the per-step log (rank 0; others: [])."""
+    rank, world = setup_distributed()
+    cfg.validate(world)
+    out = Path(cfg.out)
+    master = rank == 0
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = task.build()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    run_config = {"task": task.describe(), "loop": dataclasses.asdict(cfg) | {"resume": None, "progress": None},
+                  "world": world}
+    step = 0
+    ckpt = resolve_resume(cfg.resume, out)
+    log_file = out / "metrics.jsonl"
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["config"]["task"] != run_config["task"]:
+            raise Blip2Error(f"checkpoint {ckpt} was written by a different task configuration",
+                             hint="resume with the same flags, or start a new --out folder")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        if master:
+            print(f"resumed from {ckpt} at step {step}", flush=True)
+            if log_file.is_file():  # drop lines written after the checkpoint by the killed run
+                keep = [ln for ln in log_file.read_text().splitlines() if json.loads(ln)["step"] <= step]
+                log_file.write_text("".join(k + "\n" for k in keep))
+    elif master and log_file.is_file():
+        log_file.unlink()
+    if master:
+        (out / "config.json").write_text(json.dumps(run_config, indent=2))
+
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    autocast = autocast_context(cfg.precision)
+    order = DataOrder(task.n_train, cfg.seed)
+    per_rank = cfg.batch_size // world
+    history: list[dict] = []
+    bar = None
+    if master and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=task.name, dynamic_ncols=True, mininterval=1.0)
+    t0, seen = time.time(), 0
+
+    while step < cfg.steps:
+        model.train()
+        model.step = step
+        totals: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            first = (step * cfg.grad_accum + micro) * cfg.batch_size + rank * per_rank
+            indices = order(torch.arange(first, first + per_rank))
+            batch = task.batch(indices, step)
+            sync = contextlib.nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else ddp.no_sync()
+            with sync:
+                with autocast():
+                    loss, metrics = ddp(**batch)
+                (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], cfg.clip if cfg.clip > 0 else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seen += cfg.batch_size * cfg.grad_accum
+        if world > 1:  # report the global-batch mean
+            vals = torch.tensor(list(totals.values()), dtype=torch.float64)
+            dist.all_reduce(vals)
+            totals = dict(zip(totals, (vals / world).tolist()))
+        record = {"step": step, **{k: round(v, 6) for k, v in totals.items()},
+                  "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6)}
+        if master:
+            history.append(record)
+            _log(log_file, record)
+            if bar is not None:
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    rate = seen / max(time.time() - t0, 1e-9)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in totals.items()} | {"img/s": f"{rate:.0f}"})
+        if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+            if master:
+                save_checkpoint(out / CKPT_DIR / LATEST, model, optimizer, scheduler, step, run_config)
+            if world > 1:
+                dist.barrier()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            _evaluate(task, model, step, master, world, log_file, bar)
+    if bar is not None:
+        bar.close()
+    if master:
+        from runtime.integrity import atomic_directory
+
+        with atomic_directory(out / "model", force=True) as tmp:
+            task.save(model, tmp)
+    _evaluate(task, model, step, master, world, log_file, None, final=True)
+    if world > 1:
+        dist.barrier()
+    return history
+
+
+def _evaluate(task, model, step, master, world, log_file, bar, final=False) -> None:
+    if master:
+        model.eval()
+        with torch.no_grad():
+            scores = task.evaluate(model)
+        if scores:
+            line = " ".join(f"{k}={v:.3f}" for k, v in scores.items())
+            msg = f"[{task.name}] {'final' if final else 'eval'} step {step}: {line}"
+            (bar.write if bar is not None else print)(msg)
+            _log(log_file.with_name("eval.jsonl"), {"step": step, "final": final, **scores})
+    if world > 1:
+        dist.barrier()
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
