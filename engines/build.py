@@ -195,17 +195,18 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
     try:
         graphs = dict(manifest.graphs.get(prec, {}))
         if transformed:
-            graphs = _transform(bundle, stage, manifest, config, progress, say)
+            graphs = _transform(bundle, stage, manifest, config, progress, say, _files_of_all(manifest))
         new_files = [f.name for f in stage.iterdir()]
         engine_names: list[str] = []
         if backend == "trt":
             from engines.trt_builder import build_engines
 
             graphs = build_engines(bundle, stage, graphs, config.engine_dims(manifest), config, progress=progress,
-                                   echo=say)
+                                   echo=say, taken=_files_of_all(manifest))
             engine_names = [e.file for g in graphs.values() for e in g.engines]
-        # Commit: move the new files in, then replace the manifest (the only file that makes them count).
-        old_files = _files_of(manifest.graphs.get(prec, {})) if transformed else set()
+        # Commit: move the new files in (under names the live manifest does not use, so nothing it
+        # vouches for is overwritten), then replace the manifest: the only file that makes them count.
+        old_files = _files_of(manifest.graphs.get(prec, {}))
         for f in stage.iterdir():
             os.replace(f, bundle / f.name)
         new_graphs = {**manifest.graphs, prec: graphs}
@@ -225,6 +226,10 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
     return report
 
 
+def _files_of_all(manifest: Manifest) -> set[str]:
+    return set().union(*(_files_of(g) for g in manifest.graphs.values()))
+
+
 def _files_of(graphs: dict[str, GraphRecord]) -> set[str]:
     out = set()
     for g in graphs.values():
@@ -235,8 +240,8 @@ def _files_of(graphs: dict[str, GraphRecord]) -> set[str]:
 
 
 def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfig, progress: bool,
-               say: Callable[[str], None]) -> dict[str, GraphRecord]:
-    from engines.onnx_utils import save_model_atomic
+               say: Callable[[str], None], taken: set[str]) -> dict[str, GraphRecord]:
+    from engines.onnx_utils import fresh_name, save_model_atomic
 
     prec = config.precision
     names = list(manifest.graphs["fp32"])
@@ -286,7 +291,7 @@ def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfi
                 if calib.count(name) == 0:
                     raise BundleError(f"calibration recorded no inputs for graph {name!r}")
             model, notes = r8.model, r8.notes
-        file = f"{name}.{prec}.onnx"
+        file = fresh_name(taken, f"{name}.{prec}", ".onnx")
         ext = save_model_atomic(model, stage / file)
         rec = file_record(stage, file)
         out[name] = GraphRecord(name=name, file=file, sha256=rec.sha256, io=io, precision=prec,

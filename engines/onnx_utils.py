@@ -108,3 +108,16 @@ def toposort(model) -> None:
                          "nodes cannot be ordered)")
     del graph.node[:]
     graph.node.extend(order)
+
+
+def fresh_name(taken: set[str], stem: str, suffix: str) -> str:
+    """``stem + suffix``, or its ``.b`` twin when the live manifest already uses that name.
+
+    A build writes its new files under names the current manifest does not vouch for, so moving them
+    into the bundle never overwrites a file a reader may be checking; the manifest swap then makes
+    them count, and the previous files are deleted afterwards. The two names alternate across builds.
+    """
+    for cand in (f"{stem}{suffix}", f"{stem}.b{suffix}"):
+        if cand not in taken and f"{cand}.data" not in taken:
+            return cand
+    raise AssertionError(f"both {stem}{suffix} and its twin are in use")  # a manifest names one graph file

@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
+from engines.onnx_utils import fresh_name
 from runtime.integrity import atomic_write_bytes
 from runtime.manifest import DimRange, EngineRecord, GraphRecord, file_record
 
@@ -120,7 +122,8 @@ def build_engine(onnx_path: Path, out_path: Path, record: GraphRecord, dims: dic
 
 def build_engines(bundle: Path, stage: Path, graphs: dict[str, GraphRecord], dims: dict[str, DimRange],
                   config: BuildConfig, *, progress: bool = True,
-                  echo: Callable[[str], None] | None = None) -> dict[str, GraphRecord]:
+                  echo: Callable[[str], None] | None = None,
+                  taken: AbstractSet[str] = frozenset()) -> dict[str, GraphRecord]:
     """Build one engine per graph into ``stage``; return the records with their new :class:`EngineRecord`.
 
     The ONNX is read from ``stage`` when this build just wrote it, else from the bundle. Engines for
@@ -134,14 +137,16 @@ def build_engines(bundle: Path, stage: Path, graphs: dict[str, GraphRecord], dim
     out = {}
     for name, rec in graphs.items():
         src = stage / rec.file if (stage / rec.file).is_file() else bundle / rec.file
-        plan = f"{name}.{rec.precision}.plan"
+        # One plan per graph, precision and GPU architecture; never over a file the live manifest uses.
+        arch = device.compute_capability.replace(".", "")
+        plan = fresh_name(set(taken), f"{name}.{rec.precision}.sm{arch}", ".plan")
         profile = build_engine(src, stage / plan, rec, dims, timing_cache=config.timing_cache,
                                workspace_mb=config.workspace_mb, echo=say if progress else (lambda s: None))
         fr = file_record(stage, plan)
         engine = EngineRecord(file=plan, sha256=fr.sha256, backend="trt", device_name=device.name,
                               compute_capability=device.compute_capability,
                               backend_version=device.backend_version, profile=profile)
-        others = tuple(e for e in rec.engines if e.file != plan)
+        others = tuple(e for e in rec.engines if e.compute_capability != device.compute_capability)
         out[name] = dataclasses.replace(rec, engines=(*others, engine))
         say(f"  {plan}: {fr.bytes / 1e6:.2f} MB")
     return out

@@ -465,21 +465,35 @@ def load_manifest(bundle: str | Path, *, verify: bool = True) -> Manifest:
     return m
 
 
+def graph_files(g: GraphRecord):
+    """(file name, sha256, size or None) of a graph: the ONNX file, its external data and engines."""
+    yield g.file, g.sha256, None
+    for ext in g.external_data:
+        yield ext.file, ext.sha256, ext.bytes
+    for e in g.engines:
+        yield e.file, e.sha256, None
+
+
 def iter_files(m: Manifest):
     """Every (file name, sha256, size or None) the manifest vouches for."""
     for rec in m.files.values():
         yield rec.file, rec.sha256, rec.bytes
     for graphs in m.graphs.values():
         for g in graphs.values():
-            yield g.file, g.sha256, None
-            for ext in g.external_data:
-                yield ext.file, ext.sha256, ext.bytes
-            for e in g.engines:
-                yield e.file, e.sha256, None
+            yield from graph_files(g)
 
 
 def verify_files(bundle: Path, m: Manifest) -> None:
-    for name, digest, size in iter_files(m):
+    _verify(bundle, iter_files(m))
+
+
+def verify_graph(bundle: Path, g: GraphRecord) -> None:
+    """Check one graph's files again right before they are loaded (a bundle may change under a service)."""
+    _verify(bundle, graph_files(g))
+
+
+def _verify(bundle: Path, files) -> None:
+    for name, digest, size in files:
         p = bundle / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise BundleError(f"manifest names a file outside the bundle: {name}")

@@ -23,7 +23,7 @@ from runtime.backends import create_backend
 from runtime.contract import Family, GraphName
 from runtime.errors import Blip2Error, InputError, LimitError
 from runtime.generation import GenerationConfig, StreamCallback, generate
-from runtime.manifest import Manifest, load_manifest
+from runtime.manifest import Manifest, load_manifest, verify_graph
 from runtime.preprocess import ImageLike, preprocess
 from runtime.text import TextTokenizer, load_embeddings
 
@@ -39,6 +39,7 @@ class Blip2Runtime:
     def __init__(self, bundle: str | Path, *, precision: str = "fp32", backend: str = "ort",
                  verify: bool = True, **backend_options):
         self.bundle = Path(bundle)
+        self.verify = verify
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         if self.manifest.family is Family.RETRIEVAL:
             raise Blip2Error(f"{self.bundle} is a retrieval bundle: it ranks images against texts and does not "
@@ -61,6 +62,8 @@ class Blip2Runtime:
             with self._load_lock:
                 if name.value not in self._graphs:
                     rec = self.manifest.graph(name, self.precision)
+                    if self.verify:
+                        verify_graph(self.bundle, rec)  # again: the file may have changed since start-up
                     self._graphs[name.value] = self.backend.load(self.bundle, rec)
         return self._graphs[name.value]
 

@@ -65,9 +65,14 @@ def test_auto_backend_builds_for_ort_here_and_refuses_to_rebuild_silently(bundle
     assert "built fp16 for ort" in out and "decoder.fp16.onnx" in out
     code, err = _run(["build", str(bundle_copy), "--precision", "fp16"], capsys)
     assert code == EXIT_USER_ERROR and "--force" in err
+    from runtime.manifest import load_manifest
+
     first = (bundle_copy / "decoder.fp16.onnx").read_bytes()
     assert main(["build", str(bundle_copy), "--precision", "fp16", "--force"]) == 0
-    assert (bundle_copy / "decoder.fp16.onnx").read_bytes() == first  # deterministic transform
+    rebuilt = load_manifest(bundle_copy).graphs["fp16"]["decoder"].file
+    assert rebuilt == "decoder.fp16.b.onnx"  # new files never overwrite the ones the old manifest vouches for
+    assert (bundle_copy / rebuilt).read_bytes() == first  # deterministic transform
+    assert not (bundle_copy / "decoder.fp16.onnx").exists()  # the previous build's files are removed
     assert not [p for p in bundle_copy.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 

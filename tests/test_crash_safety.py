@@ -277,8 +277,6 @@ def test_atomic_directory_and_file_under_every_kill_point(tmp_path):
     assert states == {("old", "old"), ("new", "old"), ("new", "new")}, states
 
 
-@pytest.mark.xfail(strict=True, reason="engines/build.py: 'build --force' moves the new graph files over the old "
-                                       "ones before it replaces the manifest (reported to the engines owner)")
 def test_killed_forced_rebuild_keeps_a_complete_bundle(tiny_bundle, tmp_path):
     """``build --precision int8 --force`` with new calibration images over an int8 build, killed during
     its commit: the bundle must still verify (old int8 graphs or new ones)."""
@@ -303,7 +301,7 @@ def test_killed_forced_rebuild_keeps_a_complete_bundle(tiny_bundle, tmp_path):
            "raise SystemExit(main(['build', trial['out'], '--precision', 'int8', '--backend', 'ort', '--force', "
            f"'--calib-images', {str(tmp_path / 'calib-b')!r}]))")
     for res in run_trials(BUILD_PREPARE, cmd, trials, seed=5):
-        load_manifest(res["out"])  # BundleError "vision.int8.onnx does not match its checksum" today
+        load_manifest(res["out"])
 
 
 # -------------------------------------------------------------------------------------------- training

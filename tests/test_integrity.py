@@ -215,8 +215,6 @@ def test_runtime_source_has_no_code_loading_paths():
     assert hits == [], "\n".join(hits)
 
 
-@pytest.mark.xfail(strict=True, reason="runtime/pipeline.py loads graphs lazily on first use and does not re-check "
-                                       "the checksum of the file it then reads (reported to the runtime owner)")
 def test_graph_altered_after_the_runtime_started_is_refused(bundle_copy):
     """Checksums are verified when the runtime is constructed; a graph file replaced before its first use
     (a bundle updated under a running service) must be refused, not run."""
