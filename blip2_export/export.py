@@ -158,11 +158,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, config: ExportConfig 
     ``model_and_tokenizer`` may pass an already loaded ``(model, tokenizer, image_processor)``.
     """
     import torch
-    import transformers
 
-    from blip2_export import __version__
     from blip2_export.graphs import DecoderGraph, QFormerGraph, VisionGraph
-    from blip2_export.modelzoo import checkpoint_identity, load_checkpoint  # noqa: I001
+    from blip2_export.modelzoo import load_checkpoint  # noqa: I001
 
     config = config or ExportConfig()
     out = Path(out)
@@ -216,21 +214,37 @@ def export_bundle(checkpoint: str | Path, out: str | Path, config: ExportConfig 
             graphs[GraphName.DECODER.value] = attach_ort_engine(tmp, graphs[GraphName.DECODER.value], facts,
                                                                 warn=warnings.warn)
         files = write_text_side(tmp, model, tokenizer)
-        manifest = Manifest(
-            format_version=FORMAT_VERSION,
-            model=facts,
-            preprocess=preprocess_facts(image_processor, m.image_size),
-            generation=GenerationDefaults(max_new_tokens=config.max_new_tokens),
-            dims=dims,
-            graphs={"fp32": graphs},
-            files=files,
-            source=_source(checkpoint, checkpoint_identity),
-            versions={"blip2_export": __version__, "torch": torch.__version__,
-                      "transformers": transformers.__version__, "onnx": _onnx_version(), "opset": str(config.opset)},
-        )
-        manifest.validate()
-        (tmp / MANIFEST_NAME).write_text(manifest.dumps())
+        write_manifest(tmp, checkpoint=checkpoint, facts=facts, image_processor=image_processor, dims=dims,
+                       graphs=graphs, files=files, config=config,
+                       generation=GenerationDefaults(max_new_tokens=config.max_new_tokens))
     return out
+
+
+def write_manifest(tmp: Path, *, checkpoint, facts: ModelFacts, image_processor, dims: dict,
+                   graphs: dict[str, GraphRecord], files: dict, config: ExportConfig,
+                   generation: GenerationDefaults) -> Manifest:
+    """Validate and write the fp32 manifest of a bundle being assembled in ``tmp`` (every family)."""
+    import torch
+    import transformers
+
+    from blip2_export import __version__
+    from blip2_export.modelzoo import checkpoint_identity
+
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        model=facts,
+        preprocess=preprocess_facts(image_processor, facts.image_size),
+        generation=generation,
+        dims=dims,
+        graphs={"fp32": graphs},
+        files=files,
+        source=_source(checkpoint, checkpoint_identity),
+        versions={"blip2_export": __version__, "torch": torch.__version__,
+                  "transformers": transformers.__version__, "onnx": _onnx_version(), "opset": str(config.opset)},
+    )
+    manifest.validate()
+    (tmp / MANIFEST_NAME).write_text(manifest.dumps())
+    return manifest
 
 
 def _export_one(tmp: Path, name: GraphName, module, io: GraphIO, sizes: dict, config: ExportConfig) -> GraphRecord:

@@ -13,7 +13,7 @@ from runtime import contract
 from runtime.contract import Family, GraphName
 from runtime.errors import Blip2Error
 from runtime.integrity import atomic_directory
-from runtime.manifest import MANIFEST_NAME, DimRange, GenerationDefaults, Manifest, ModelFacts, file_record
+from runtime.manifest import DimRange, GenerationDefaults, ModelFacts, file_record
 
 TRACE_SIZES = {"batch": 2, "text": 5}
 
@@ -50,21 +50,11 @@ def export_bundle_retrieval(checkpoint, out: str | Path, config, *, progress: bo
                             model_and_tokenizer=None) -> Path:
     import json
 
-    import torch
-    import transformers
 
-    from blip2_export import __version__
-    from blip2_export.export import (
-        FORMAT_VERSION,
-        _export_one,
-        _onnx_version,
-        _progress,
-        _source,
-        preprocess_facts,
-    )
+    from blip2_export.export import _export_one, _progress, write_manifest
     from blip2_export.graphs import VisionGraph
     from blip2_export.graphs_retrieval import ImageFeaturesGraph, ItmGraph, TextFeaturesGraph
-    from blip2_export.modelzoo import checkpoint_identity, load_retrieval_checkpoint
+    from blip2_export.modelzoo import load_retrieval_checkpoint
 
     out = Path(out)
     if out.exists() and not config.force:
@@ -98,20 +88,8 @@ def export_bundle_retrieval(checkpoint, out: str | Path, config, *, progress: bo
         (tmp / "tokenizer_config.json").write_text(json.dumps(special, indent=2))
         files = {"tokenizer": file_record(tmp, "tokenizer.json"),
                  "tokenizer_config": file_record(tmp, "tokenizer_config.json")}
-        manifest = Manifest(
-            format_version=FORMAT_VERSION,
-            model=facts,
-            preprocess=preprocess_facts(image_processor, m.image_size),
-            generation=GenerationDefaults(),
-            dims=dims,
-            graphs={"fp32": graphs},
-            files=files,
-            source=_source(checkpoint, checkpoint_identity),
-            versions={"blip2_export": __version__, "torch": torch.__version__,
-                      "transformers": transformers.__version__, "onnx": _onnx_version(), "opset": str(config.opset)},
-        )
-        manifest.validate()
-        (tmp / MANIFEST_NAME).write_text(manifest.dumps())
+        write_manifest(tmp, checkpoint=checkpoint, facts=facts, image_processor=image_processor, dims=dims,
+                       graphs=graphs, files=files, config=config, generation=GenerationDefaults())
     return out
 
 

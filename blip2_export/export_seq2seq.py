@@ -17,7 +17,7 @@ from runtime import contract
 from runtime.contract import Family, GraphName
 from runtime.errors import Blip2Error
 from runtime.integrity import atomic_directory
-from runtime.manifest import MANIFEST_NAME, DimRange, GenerationDefaults, Manifest, ModelFacts, file_record
+from runtime.manifest import DimRange, GenerationDefaults, ModelFacts, file_record
 
 # Example sizes the graphs are traced at; every symbolic dim differs so none is baked in as a constant.
 TRACE_SIZES = {"batch": 2, "enc_seq": 6, "seq": 3, "past": 4, "total": 7}
@@ -25,20 +25,8 @@ TRACE_SIZES = {"batch": 2, "enc_seq": 6, "seq": 3, "past": 4, "total": 7}
 
 def export_bundle_seq2seq(checkpoint, out: Path, config, model, tokenizer, image_processor, facts: ModelFacts,
                           *, progress: bool = True) -> Path:
-    import torch
-    import transformers
 
-    from blip2_export import __version__
-    from blip2_export.export import (
-        FORMAT_VERSION,
-        _export_one,
-        _onnx_version,
-        _progress,
-        _replace,
-        _source,
-        preprocess_facts,
-        write_text_side,
-    )
+    from blip2_export.export import _export_one, _progress, _replace, write_manifest, write_text_side
     from blip2_export.graphs import QFormerGraph, VisionGraph
     from blip2_export.graphs_seq2seq import (
         CrossKVGraph,
@@ -46,7 +34,6 @@ def export_bundle_seq2seq(checkpoint, out: Path, config, model, tokenizer, image
         Seq2SeqDecoderGraph,
         decoder_embeddings,
     )
-    from blip2_export.modelzoo import checkpoint_identity
 
     if facts.family != Family.ENCODER_DECODER.value:
         raise Blip2Error(f"export_bundle_seq2seq got a {facts.family} model")
@@ -84,18 +71,6 @@ def export_bundle_seq2seq(checkpoint, out: Path, config, model, tokenizer, image
             # An untied decoder table (no T5 we know has one) travels beside the shared one.
             np.save(tmp / "decoder_embed_tokens.npy", dec.detach().float().cpu().numpy(), allow_pickle=False)
             files["decoder_embed_tokens"] = file_record(tmp, "decoder_embed_tokens.npy")
-        manifest = Manifest(
-            format_version=FORMAT_VERSION,
-            model=facts,
-            preprocess=preprocess_facts(image_processor, m.image_size),
-            generation=GenerationDefaults(max_new_tokens=config.max_new_tokens),
-            dims=dims,
-            graphs={"fp32": graphs},
-            files=files,
-            source=_source(checkpoint, checkpoint_identity),
-            versions={"blip2_export": __version__, "torch": torch.__version__,
-                      "transformers": transformers.__version__, "onnx": _onnx_version(), "opset": str(config.opset)},
-        )
-        manifest.validate()
-        (tmp / MANIFEST_NAME).write_text(manifest.dumps())
+        write_manifest(tmp, checkpoint=checkpoint, facts=facts, image_processor=image_processor, dims=dims,
+                       graphs=graphs, files=files, config=config, generation=GenerationDefaults(max_new_tokens=config.max_new_tokens))
     return out
