@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import Blip2Error, BundleError
+from runtime.contract import GraphName
 from runtime.integrity import atomic_write_text
 from runtime.manifest import (
     MANIFEST_NAME,
@@ -196,6 +197,12 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
         graphs = dict(manifest.graphs.get(prec, {}))
         if transformed:
             graphs = _transform(bundle, stage, manifest, config, progress, say, _files_of_all(manifest))
+            if backend == "ort" and GraphName.DECODER.value in graphs:
+                # The fused-attention, in-place-KV-cache ORT build of the new decoder, like export makes.
+                from engines.ort_optimize import attach_ort_engine
+
+                graphs[GraphName.DECODER.value] = attach_ort_engine(stage, graphs[GraphName.DECODER.value],
+                                                                    manifest.model, warn=say)
         new_files = [f.name for f in stage.iterdir()]
         engine_names: list[str] = []
         if backend == "trt":

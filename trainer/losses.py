@@ -21,6 +21,22 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (LAVIS's GatherLayer)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(world())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.stack([t.contiguous() for t in grads])
+        dist.all_reduce(g)
+        return g[rank()]
+
+
 def gather_batch(**tensors: torch.Tensor) -> dict[str, torch.Tensor]:
     """Concatenate each tensor over ranks along dim 0; float tensors that require grad keep it."""
     if world() == 1:
@@ -28,14 +44,21 @@ def gather_batch(**tensors: torch.Tensor) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in tensors.items():
         if t.requires_grad:
-            from torch.distributed.nn.functional import all_gather
-
-            out[name] = torch.cat(all_gather(t), 0)
+            out[name] = torch.cat(_GatherWithGrad.apply(t), 0)
         else:
             parts = [torch.empty_like(t) for _ in range(world())]
             dist.all_gather(parts, t.contiguous())
             out[name] = torch.cat(parts, 0)
     return out
+
+
+def token_mean(loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens of the *global* batch (DDP then averages ranks: the result is exact)."""
+    n = count.detach().to(torch.float64).reshape(1).clone()
+    if world() > 1:
+        dist.all_reduce(n)
+        return loss_sum * world() / n[0].to(loss_sum.dtype)
+    return loss_sum / n[0].to(loss_sum.dtype)
 
 
 def same_text(ids, att, ids_all, att_all) -> torch.Tensor:

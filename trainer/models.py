@@ -145,11 +145,20 @@ class Stage1(nn.Module):
         _init_(self.blip)
         nn.init.normal_(self.blip.query_tokens, std=0.02)  # paper: 32 learned queries, std 0.02
         freeze(self.blip.vision_model)
+        # short sequences (32 queries + a caption): plain matmul attention is several times faster on CPU
+        # than SDPA's flash kernel with the explicit masks stage 1 needs
+        self.blip.qformer.config._attn_implementation = "eager"
         self.itg_head = ItgHead(spec.qformer_hidden, len(tokenizer))
         _init_(self.itg_head)
+        # parameters no objective uses get no gradient (DDP needs every trainable parameter used)
         if "itg" not in self.objectives:
             self.itg_head.requires_grad_(False)
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        if "itm" not in self.objectives:
+            self.blip.itm_head.requires_grad_(False)
+        if "itc" not in self.objectives:  # ITM alone uses the ITC features only to pick negatives
+            for m in (self.blip.vision_projection, self.blip.text_projection):
+                m.requires_grad_(False)
+        self.temp = nn.Parameter(torch.tensor(0.07), requires_grad="itc" in self.objectives)
         self.dec_id = tokenizer.convert_tokens_to_ids("[DEC]")
         self.step = 0  # set by the loop; seeds the hard-negative sampling
 
@@ -204,8 +213,9 @@ class Stage1(nn.Module):
         out = self._qformer(queries, dec_ids, mask, image_embeds)
         logits = self.itg_head(out[:, Q:-1], self.blip.embeddings.word_embeddings.weight)
         labels = ids[:, 1:].masked_fill(att[:, 1:] == 0, -100)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=-100, label_smoothing=0.1)
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                ignore_index=-100, label_smoothing=0.1, reduction="sum")
+        return losses.token_mean(total, (labels != -100).sum())
 
     # -- training ---------------------------------------------------------------------------------
     def forward(self, pixel_values, input_ids, attention_mask):
@@ -273,6 +283,7 @@ class Stage1(nn.Module):
         tok = AutoTokenizer.from_pretrained(path)
         model = cls(spec_from_json(meta["spec"]), tok, meta["objectives"])
         model.blip = Blip2ForImageTextRetrieval.from_pretrained(path, dtype=torch.float32)
+        model.blip.qformer.config._attn_implementation = "eager"
         freeze(model.blip.vision_model)
         extras = load_file(str(path / EXTRAS_FILE))
         model.itg_head.load_state_dict({k[9:]: v for k, v in extras.items() if k.startswith("itg_head.")})
@@ -408,9 +419,9 @@ class Stage2(nn.Module):
         logits = self.blip(pixel_values=pixel_values, input_ids=inp, attention_mask=mask).logits
         labels = ids.masked_fill(att == 0, -100)
         labels[:, 0] = -100  # prompt
-        logits = logits[:, self.Q:-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        logits, labels = logits[:, self.Q:-1], labels[:, 1:]
+        loss = losses.token_mean(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum"), (labels != -100).sum())
         return loss, {"lm": loss.detach()}
 
     def _t5_loss(self, pixel_values, ids, att, split):
@@ -426,8 +437,9 @@ class Stage2(nn.Module):
         dec_att = torch.cat([torch.ones(B, 1, dtype=att.dtype), (dec_labels[:, :-1] >= 0).to(att.dtype)], 1)
         logits = self.blip(pixel_values=pixel_values, input_ids=inp, attention_mask=mask,
                            decoder_input_ids=dec_in, decoder_attention_mask=dec_att).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), dec_labels.reshape(-1),
-                               ignore_index=-100)
+        loss = losses.token_mean(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 dec_labels.reshape(-1), ignore_index=-100, reduction="sum"),
+                                 (dec_labels != -100).sum())
         return loss, {"prefix_lm": loss.detach()}
 
     def save(self, path: str | Path, image_processor=None) -> None:

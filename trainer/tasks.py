@@ -19,6 +19,14 @@ def cached_split(data_dir: str, split: str, image_size: int, limit: int | None =
     return data.load_split(data_dir, split, image_size, limit)
 
 
+def eval_split(data_dir: str, split: str, image_size: int, limit: int | None):
+    """``(records, pixels)`` of the eval split, or ``None`` when it is missing or empty (no eval then)."""
+    f = Path(data_dir) / f"{split}.jsonl"
+    if not limit or not f.is_file() or not f.read_text().strip():
+        return None
+    return cached_split(str(data_dir), split, image_size, limit)
+
+
 def tokenizer_words(data_dir: str | Path) -> list[str]:
     return data.dataset_vocabulary(data_dir)
 
@@ -64,9 +72,10 @@ class Stage1Task:
                 "attention_mask": self.att[indices]}
 
     def evaluate(self, model: Stage1) -> dict[str, float]:
-        if not self.eval_limit:
+        split = eval_split(self.data_dir, self.eval_split, self.spec.image_size, self.eval_limit)
+        if split is None:
             return {}
-        recs, px = cached_split(str(self.data_dir), self.eval_split, self.spec.image_size, self.eval_limit)
+        recs, px = split
         caps = [r["caption"] for r in recs]
         ids, att = tokenize(self.tokenizer, caps)
         return evaluate.retrieval_scores(model, caps, px, ids, att, candidates=min(100, len(caps)))
@@ -123,9 +132,10 @@ class Stage2Task:
         return b
 
     def evaluate(self, model: Stage2) -> dict[str, float]:
-        if not self.eval_limit:
+        split = eval_split(self.data_dir, self.eval_split, self.spec.image_size, self.eval_limit)
+        if split is None:
             return {}
-        recs, px = cached_split(str(self.data_dir), self.eval_split, self.spec.image_size, self.eval_limit)
+        recs, px = split
         preds = model_captions(model.blip, self.tokenizer, px)
         return evaluate.caption_scores(preds, [r["caption"] for r in recs])
 

@@ -52,6 +52,7 @@ class LoopConfig:
     seed: int = 0
     resume: str | None = None  # "latest" or a checkpoint path
     progress: bool = True
+    threads: int = 1  # torch threads per process; 1 is robust on a shared CPU (no OpenMP spin contention)
 
     def validate(self, world: int) -> None:
         if self.steps < 1:
@@ -186,11 +187,13 @@ def train(task: Task, cfg: LoopConfig) -> list[dict]:
     master = rank == 0
     if master:
         out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = task.build()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    run_config = {"task": task.describe(), "loop": dataclasses.asdict(cfg) | {"resume": None, "progress": None},
+    run_config = {"task": task.describe(), "loop": dataclasses.asdict(cfg) | {"resume": None, "progress": None, "threads": None},
                   "world": world}
     step = 0
     ckpt = resolve_resume(cfg.resume, out)

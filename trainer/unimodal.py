@@ -22,7 +22,7 @@ from blip2_export.modelzoo import ModelSpec, make_config, make_image_processor
 from runtime.errors import Blip2Error
 from trainer import data, losses
 from trainer.models import _init_, build_vision, make_tokenizer, spec_to_json, tokenize
-from trainer.tasks import cached_split, tokenizer_words
+from trainer.tasks import cached_split, eval_split, tokenizer_words
 
 
 class VisionPretrain(nn.Module):
@@ -72,9 +72,10 @@ class VisionTask:
         return {"pixel_values": self.pixels[indices], "labels": self.labels[indices]}
 
     def evaluate(self, model):
-        if not self.eval_limit:
+        split = eval_split(self.data_dir, "val", self.spec.image_size, self.eval_limit)
+        if split is None:
             return {}
-        recs, px = cached_split(str(self.data_dir), "val", self.spec.image_size, self.eval_limit)
+        recs, px = split
         _, metrics = model(px, attribute_labels(recs))
         return {k: float(v) for k, v in metrics.items()}
 
@@ -136,7 +137,8 @@ class TextTask:
         self.tokenizer = make_tokenizer(tokenizer_words(self.data_dir), self.spec.llm)
         records = data.read_jsonl(Path(self.data_dir) / "train.jsonl")
         self.ids, self.att = tokenize(self.tokenizer, [r["caption"] for r in records])
-        self.val = [r["caption"] for r in data.read_jsonl(Path(self.data_dir) / "val.jsonl")[:200]]
+        val = Path(self.data_dir) / "val.jsonl"
+        self.val = [r["caption"] for r in data.read_jsonl(val)[:200]] if val.is_file() else []
         self.n_train = len(records)
         self.name = f"lm-{self.spec.llm}"
 
@@ -154,6 +156,8 @@ class TextTask:
         return b
 
     def evaluate(self, model):
+        if not self.val:
+            return {}
         ids, att = tokenize(self.tokenizer, self.val)
         split = torch.arange(len(self.val)) * 2  # even: no prefix, plain caption LM
         loss, _ = model(ids, att, split)

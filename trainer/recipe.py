@@ -1,0 +1,121 @@
+"""The full offline recipe in one call: data -> unimodal -> stage 1 -> stage 2 -> scores on the test split.
+
+Each stage trains into its own run folder under ``out``; a stage whose ``model/`` exists is kept, a
+stage that was killed resumes from ``checkpoints/latest.pt``. ``report.json`` collects the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.models import TRAINER_SPEC
+from trainer.train import LoopConfig, train
+
+# steps per stage (batch 64): about 10 minutes on 2 CPU cores
+FULL = {"data": {"train": 8000, "val": 500, "test": 500}, "vision": 600, "lm": 300, "stage1": 400,
+        "stage2": 800, "eval_every": 200}
+QUICK = {"data": {"train": 256, "val": 100, "test": 100}, "vision": 20, "lm": 20, "stage1": 20,
+         "stage2": 20, "eval_every": 0}
+QUICK_SIZES = dict(vision_hidden=32, vision_layers=2, vision_heads=2, vision_ffn=64, qformer_hidden=32,
+                   qformer_layers=2, qformer_heads=2, qformer_ffn=64, llm_hidden=32, llm_layers=2,
+                   llm_heads=2, llm_ffn=64)
+
+
+def score(data_dir, stage1_dir=None, stage2_dir=None, split: str = "test", limit: int = 500,
+          rerank_k: int = 0) -> dict:
+    """Test-split numbers: R@1 both ways among 100 candidates (stage 1); captions (stage 2)."""
+    from blip2_export.modelzoo import load_checkpoint
+    from trainer import data, evaluate
+    from trainer.models import Stage1, generate_captions, tokenize
+
+    out: dict = {}
+    if stage1_dir:
+        s1 = Stage1.load(stage1_dir)
+        recs, px = data.load_split(data_dir, split, s1.spec.image_size, limit)
+        caps = [r["caption"] for r in recs]
+        ids, att = tokenize(s1.tokenizer, caps)
+        out["retrieval"] = evaluate.retrieval_scores(s1, caps, px, ids, att, 100, rerank_k)
+    if stage2_dir:
+        blip, tok, proc = load_checkpoint(stage2_dir)
+        recs, px = data.load_split(data_dir, split, proc.size["height"], limit)
+        preds = generate_captions(blip, tok, px)
+        out["captions"] = evaluate.caption_scores(preds, [r["caption"] for r in recs])
+        out["caption_examples"] = [{"image": r["image"], "reference": r["caption"], "generated": p}
+                                   for r, p in list(zip(recs, preds))[:5]]
+    return out
+
+
+def _stage(task, folder: Path, steps: int, threads: int, timings: dict, **kw) -> str:
+    model = folder / "model"
+    if not model.is_dir():
+        t = time.time()
+        cfg = LoopConfig(out=str(folder), steps=steps, batch_size=64, warmup=min(30, steps // 4 + 1),
+                         lr=kw.pop("lr", 5e-4), ckpt_every=50, resume="latest", threads=threads, **kw)
+        train(task, cfg)
+        timings[folder.name] = round(time.time() - t, 1)
+    return str(model)
+
+
+def run_recipe(out: str | Path, t5: bool = False, ablations: bool = False, capfilt: bool = False,
+               quick: bool = False, threads: int = 1) -> dict:
+    from trainer.data import generate_dataset
+    from trainer.tasks import Stage1Task, Stage2Task
+    from trainer.unimodal import TextTask, VisionTask
+
+    torch.set_num_threads(threads)
+    out = Path(out)
+    plan = QUICK if quick else FULL
+    spec = dataclasses.replace(TRAINER_SPEC, **QUICK_SIZES) if quick else TRAINER_SPEC
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    data_dir = out / "data"
+    if not data_dir.is_dir():
+        t = time.time()
+        generate_dataset(data_dir, plan["data"], image_size=spec.image_size)
+        timings["data"] = round(time.time() - t, 1)
+    d = str(data_dir)
+    ev = plan["eval_every"]
+    vision = _stage(VisionTask(d, spec), out / "vision", plan["vision"], threads, timings, lr=1e-3)
+    opt = _stage(TextTask(d, spec), out / "opt", plan["lm"], threads, timings, lr=1e-3)
+    s1 = _stage(Stage1Task(d, spec, vision), out / "stage1", plan["stage1"], threads, timings, eval_every=ev)
+    s2 = _stage(Stage2Task(d, spec, opt, s1), out / "stage2-opt", plan["stage2"], threads, timings, eval_every=ev)
+    report: dict = {"out": str(out), "quick": quick}
+    report["test"] = score(d, s1, s2)
+    if t5:
+        spec5 = dataclasses.replace(spec, llm="t5")
+        lm5 = _stage(TextTask(d, spec5), out / "t5", plan["lm"], threads, timings, lr=1e-3)
+        s2t5 = _stage(Stage2Task(d, spec5, lm5, s1), out / "stage2-t5", plan["stage2"], threads, timings,
+                      eval_every=ev)
+        report["test_t5"] = score(d, None, s2t5)
+    report["recipe_seconds"] = round(time.time() - t_start, 1)
+    if ablations:
+        a1 = _stage(Stage2Task(d, spec, opt, None, vision), out / "ablation-stage2-without-stage1",
+                    plan["stage2"], threads, timings, eval_every=ev)
+        a2s1 = _stage(Stage1Task(d, spec, vision, ("itc", "itm")), out / "ablation-stage1-without-itg",
+                      plan["stage1"], threads, timings, eval_every=ev)
+        a2s2 = _stage(Stage2Task(d, spec, opt, a2s1), out / "ablation-stage1-without-itg-stage2",
+                      plan["stage2"], threads, timings, eval_every=ev)
+        report["ablations"] = {"stage2_without_stage1": score(d, None, a1),
+                               "stage1_without_itg": score(d, a2s1, a2s2)}
+    if capfilt:
+        from runtime.integrity import atomic_write_text
+        from trainer.capfilt import capfilt as run_capfilt
+        from trainer.capfilt import corrupt_captions
+        from trainer.data import read_jsonl
+
+        noisy = out / "capfilt" / "train_noisy.jsonl"
+        noisy.parent.mkdir(parents=True, exist_ok=True)
+        recs = corrupt_captions(read_jsonl(data_dir / "train.jsonl")[:2000], 0.3, seed=1)
+        atomic_write_text(noisy, "".join(json.dumps(r) + "\n" for r in recs))
+        t = time.time()
+        report["capfilt"] = run_capfilt(d, noisy, s2, s1, out / "capfilt" / "train_clean.jsonl")
+        timings["capfilt"] = round(time.time() - t, 1)
+    report["timings_s"] = timings
+    report["total_seconds"] = round(time.time() - t_start, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
