@@ -328,8 +328,14 @@ class RetrievalParityReport:
 
     @property
     def ok(self) -> bool:
-        return (all(s.ok for s in self.stages) and self.itc_max_abs <= self.tolerance
-                and self.itm_max_abs <= self.tolerance and self.itc_rankings_equal and self.reranked_equal)
+        if not all(s.ok for s in self.stages):
+            return False
+        if self.precision != "fp32":
+            # Reduced precision is judged per stage by the THRESHOLDS table (cosine, finite values); the
+            # exact scores and rankings below are reported, and a trained model's R@1 drop is the real test.
+            return bool(np.isfinite(self.itc_max_abs) and np.isfinite(self.itm_max_abs))
+        return (self.itc_max_abs <= self.tolerance and self.itm_max_abs <= self.tolerance
+                and self.itc_rankings_equal and self.reranked_equal)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -339,14 +345,15 @@ class RetrievalParityReport:
     def render(self) -> str:
         head = (f"retrieval parity: {self.precision} on {self.backend}, {self.images} images x {self.texts} "
                 f"texts, ITM re-ranking of the top {self.rerank_top_k}")
+        need = f"need <= {self.tolerance:g}" if self.precision == "fp32" else "reported"
         lines = [head, "", "stage            max_abs_diff   cosine      ok"]
         for s in self.stages:
             lines.append(f"{s.name:<16} {s.max_abs:<14.3e} {s.cosine:<11.7f} {'yes' if s.ok else 'NO'}")
         lines += [
             "",
-            f"ITC similarity matrix: max abs diff {self.itc_max_abs:.3e} (need <= {self.tolerance:g})",
+            f"ITC similarity matrix: max abs diff {self.itc_max_abs:.3e} ({need})",
             (f"ITM logits, all {self.images * self.texts} pairs: max abs diff {self.itm_max_abs:.3e} "
-             f"(need <= {self.tolerance:g})"),
+             f"({need})"),
             f"ITC rankings (image->text and text->image) identical: {'yes' if self.itc_rankings_equal else 'NO'}",
             f"ITM re-ranked top-{self.rerank_top_k} identical: {'yes' if self.reranked_equal else 'NO'}",
             *self.examples, "", "PASS" if self.ok else "FAIL",
@@ -371,7 +378,7 @@ def run_retrieval_parity(checkpoint: str | Path, bundle: str | Path, *, images=N
     files = list(images) if images is not None else list_images(None)
     pil = [load_image(f) for f in files]
     texts = list(texts)
-    t = THRESHOLDS["fp32"]
+    t = THRESHOLDS[precision]
     rep = RetrievalParityReport(precision, backend, len(pil), len(texts), rerank_top_k, RETRIEVAL_TOLERANCE)
 
     # eager, as Blip2ForImageTextRetrieval.forward is called: <image> placeholders first when the config has one

@@ -88,9 +88,13 @@ def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
     and ``decode_steps`` decode steps. Decoder samples are thinned evenly to ``max_decoder_samples``
     (prefills are always kept: they carry the visual prefix).
     """
+    from runtime.contract import Family
+    from runtime.manifest import load_manifest
     from runtime.pipeline import Blip2Runtime
     from runtime.preprocess import load_image
 
+    if load_manifest(bundle, verify=False).family is Family.RETRIEVAL:
+        return _collect_retrieval(bundle, images, prompts, progress=progress)
     rt = Blip2Runtime(bundle, precision="fp32", backend="ort")
     cal = CalibrationSet()
     for name in rt.manifest.required_graphs():
@@ -110,6 +114,29 @@ def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
                 rt.generate(prompts=[p], prefix=prefix, max_new_tokens=decode_steps, min_new_tokens=decode_steps)
     if decoder:
         cal.feeds[GraphName.DECODER.value] = _thin(cal.feeds[GraphName.DECODER.value], max_decoder_samples)
+    return cal
+
+
+def _collect_retrieval(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
+                       progress: bool = False) -> CalibrationSet:
+    """Retrieval bundles: image features of every image, text features of every prompt (the captions to
+    rank), and the ITM head over every image x prompt pair."""
+    from runtime.preprocess import load_image
+    from runtime.retrieval import RetrievalRuntime
+
+    rt = RetrievalRuntime(bundle, precision="fp32", backend="ort")
+    cal = CalibrationSet()
+    for name in rt.manifest.required_graphs():
+        rt._graphs[name.value] = _Recorder(rt.graph(name), cal.feeds.setdefault(name.value, []))
+    texts = rt.encode_texts([p for p in prompts if p.strip()] or ["a photo"])
+    it: list[Path] = list(images)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="calibrate", unit="image")
+    for path in it:
+        imgs = rt.encode_images([load_image(path)])
+        rt.itm(imgs, texts, [(0, t) for t in range(len(texts.texts))])
     return cal
 
 

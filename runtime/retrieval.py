@@ -30,7 +30,7 @@ from runtime.backends import create_backend
 from runtime.contract import Family, GraphName
 from runtime.errors import BundleError, InputError, LimitError
 from runtime.integrity import atomic_write_bytes
-from runtime.manifest import Manifest, load_manifest
+from runtime.manifest import Manifest, load_manifest, verify_graph
 from runtime.preprocess import ImageLike, preprocess
 from runtime.text import TextTokenizer
 
@@ -140,6 +140,7 @@ class RetrievalRuntime:
     def __init__(self, bundle: str | Path, *, precision: str = "fp32", backend: str = "ort", verify: bool = True,
                  **backend_options):
         self.bundle = Path(bundle)
+        self.verify = verify
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         if self.manifest.family is not Family.RETRIEVAL:
             raise BundleError(f"{self.bundle} is not a retrieval bundle (its family is "
@@ -158,7 +159,10 @@ class RetrievalRuntime:
         if name.value not in self._graphs:
             with self._lock:
                 if name.value not in self._graphs:
-                    self._graphs[name.value] = self.backend.load(self.bundle, self.manifest.graph(name, self.precision))
+                    rec = self.manifest.graph(name, self.precision)
+                    if self.verify:
+                        verify_graph(self.bundle, rec)  # again: the file may have changed since start-up
+                    self._graphs[name.value] = self.backend.load(self.bundle, rec)
         return self._graphs[name.value]
 
     @property

@@ -41,7 +41,7 @@ def test_scene_pixels_show_the_colour_in_the_named_region():
     scene = data.Scene(count=1, size="large", colour="red", shape="square", position="left")
     img = np.asarray(data.render(scene, random.Random(0), 64)).astype(int)
     red = (img[..., 0] > 150) & (img[..., 1] < 100)
-    ys, xs = np.nonzero(red)
+    _, xs = np.nonzero(red)
     assert red.sum() > 20 and xs.max() < 0.35 * 64
 
 
@@ -57,3 +57,26 @@ def test_bad_jsonl_is_a_user_error(tmp_path):
         data.read_jsonl(tmp_path / "train.jsonl")
     with pytest.raises(Blip2Error, match="not found"):
         data.read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_corrupt_captions_swaps_the_requested_share():
+    from trainer.capfilt import corrupt_captions
+
+    recs = [{"image": f"{i}.png", "caption": f"cap {i % 7}"} for i in range(100)]
+    noisy = corrupt_captions(recs, 0.3, seed=1)
+    flagged = [r for r in noisy if r["noisy"]]
+    assert len(flagged) == 30
+    assert all(r["caption"] != recs[int(r["image"][:-4])]["caption"] for r in flagged)
+    assert all(r["caption"] == recs[i]["caption"] for i, r in enumerate(noisy) if not r["noisy"])
+
+
+def test_cli_help_teaches_every_command():
+    from click.testing import CliRunner
+
+    from trainer.cli import cli
+
+    res = CliRunner().invoke(cli, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("data", "unimodal", "stage1", "stage2", "eval", "capfilt", "recipe"):
+        assert cmd in res.output
+    assert "--resume" in CliRunner().invoke(cli, ["stage1", "--help"]).output

@@ -93,7 +93,7 @@ def test_itg_mask_is_causal_for_text_and_hides_text_from_queries():
 def test_prefix_split_moves_words_between_encoder_and_decoder():
     ids = torch.tensor([[10, 11, 12, 2, 0]])  # three words, </s>, pad
     att = (ids != 0).long()
-    enc, enc_att, labels = losses.prefix_split(ids, att, torch.tensor([0]), 2, 0)
+    enc, _, labels = losses.prefix_split(ids, att, torch.tensor([0]), 2, 0)
     assert enc.tolist() == [[2]] and labels.tolist() == [[10, 11, 12, 2]]
-    enc, enc_att, labels = losses.prefix_split(ids, att, torch.tensor([3]), 2, 0)  # odd: split after 1 word
+    enc, _, labels = losses.prefix_split(ids, att, torch.tensor([3]), 2, 0)  # odd: split after 1 word
     assert enc.tolist() == [[10, 2]] and labels.tolist() == [[11, 12, 2]]

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from trainer.models import TRAINER_SPEC, Stage1, Stage2, make_tokenizer, tokenize
 from trainer.data import vocabulary
+from trainer.models import TRAINER_SPEC, Stage1, Stage2, make_tokenizer, tokenize
 
 SPEC = dataclasses.replace(TRAINER_SPEC, image_size=32, patch_size=8, vision_hidden=32, vision_layers=2,
                            vision_heads=2, vision_ffn=64, qformer_hidden=32, qformer_layers=2, qformer_heads=2,
@@ -73,8 +73,9 @@ def test_stage1_losses_run_and_train(stage1_dir):
 
 
 def test_stage2_loads_with_modelzoo_and_generates(stage1_dir, tmp_path):
-    from blip2_export.modelzoo import load_checkpoint
     from transformers import Blip2ForConditionalGeneration, OPTForCausalLM
+
+    from blip2_export.modelzoo import load_checkpoint
 
     s1_path, s1 = stage1_dir
     tok = make_tokenizer(vocabulary(), "opt")
@@ -101,8 +102,9 @@ def test_stage2_loads_with_modelzoo_and_generates(stage1_dir, tmp_path):
 
 
 def test_stage2_t5_prefix_lm_loss(stage1_dir):
-    from blip2_export.modelzoo import make_config
     from transformers import T5ForConditionalGeneration
+
+    from blip2_export.modelzoo import make_config
 
     spec = dataclasses.replace(SPEC, llm="t5")
     tok = make_tokenizer(vocabulary(), "t5")

@@ -23,7 +23,7 @@ def corrupt_captions(records: list[dict], fraction: float, seed: int = 0) -> lis
         raise Blip2Error(f"--fraction must be in [0, 1) (got {fraction})")
     rng = random.Random(seed)
     out = [dict(r, noisy=False) for r in records]
-    chosen = rng.sample(range(len(records)), int(round(fraction * len(records))))
+    chosen = rng.sample(range(len(records)), round(fraction * len(records)))
     for i in chosen:
         for _ in range(100):
             j = rng.randrange(len(records))

@@ -1,11 +1,13 @@
 """``blip2-train``: the BLIP-2 trainer's command line.
 
-The offline recipe in one command::
+The offline recipe in one command:
 
+\b
     blip2-train recipe runs/recipe            # data -> unimodal -> stage 1 -> stage 2 -> test scores
 
-or step by step::
+or step by step:
 
+\b
     blip2-train data runs/data
     blip2-train unimodal --data runs/data --out runs/uni
     blip2-train stage1 --data runs/data --vision runs/uni/vision/model --out runs/s1
@@ -273,6 +275,21 @@ def recipe(out, t5, ablations, with_capfilt, quick, threads):
 
     report = run_recipe(out, t5=t5, ablations=ablations, capfilt=with_capfilt, quick=quick, threads=threads)
     click.echo(json.dumps(report, indent=2))
+
+
+@cli.command("publish-demo")
+@click.option("--stage2", "stage2_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--dest", default=None, help="Default: blip2_export/assets/demo_model.")
+@click.option("--images", default=None, help="Default: blip2_export/assets/sample_images.")
+def publish_demo(stage2_dir, data_dir, dest, images):
+    """Install a trained stage-2 OPT model as the embedded model that `blip2-export demo` uses."""
+    import blip2_export
+    from trainer.recipe import publish_demo as run
+
+    assets = Path(blip2_export.__file__).parent / "assets"
+    out = run(stage2_dir, data_dir, dest or assets / "demo_model", images or assets / "sample_images")
+    click.echo(json.dumps(out, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:

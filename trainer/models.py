@@ -61,11 +61,22 @@ def spec_from_json(d: dict) -> ModelSpec:
     return ModelSpec(**d)
 
 
-def tokenize(tokenizer, texts: list[str], max_len: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask (training wants captions aligned at position 0)."""
-    enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt",
-                    padding_side="right")
-    return enc["input_ids"], enc["attention_mask"]
+def tokenize(tokenizer, texts: list[str], max_len: int = 32, eos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask (training wants captions aligned at position 0).
+
+    ``eos`` appends ``</s>`` where the tokenizer does not (OPT-style): a caption target must end, so the
+    model learns to stop, while prompts encoded by the saved tokenizer stay ``<s> prompt``.
+    """
+    rows = [tokenizer(t, truncation=True, max_length=max_len - 1).input_ids for t in texts]
+    if eos:
+        rows = [r if r and r[-1] == tokenizer.eos_token_id else r + [tokenizer.eos_token_id] for r in rows]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    att = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        att[i, : len(r)] = 1
+    return ids, att
 
 
 def _init_(module: nn.Module, std: float = 0.02) -> None:
@@ -205,7 +216,7 @@ class Stage1(nn.Module):
         return self.blip.itm_head(out[:, :Q]).mean(1)
 
     def itg_loss(self, image_embeds, ids, att):
-        B, Q, T = ids.shape[0], self.blip.query_tokens.shape[1], ids.shape[1]
+        B, Q = ids.shape[0], self.blip.query_tokens.shape[1]
         queries = self.blip.query_tokens.expand(B, -1, -1)
         dec_ids = ids.clone()
         dec_ids[:, 0] = self.dec_id
@@ -454,8 +465,7 @@ def generate_captions(blip, tokenizer, pixel_values, prompt: str = "", max_new_t
                       batch_size: int = 100) -> list[str]:
     """Greedy captions from a ``Blip2ForConditionalGeneration``: input = [image]*Q + tokenizer(prompt)."""
     Q = blip.config.num_query_tokens
-    prompt_ids = tokenizer(prompt).input_ids if blip.config.use_decoder_only_language_model else \
-        tokenizer(prompt).input_ids
+    prompt_ids = tokenizer(prompt).input_ids  # OPT: <s> + prompt; T5: prompt + </s> (encoder input)
     out: list[str] = []
     for i in range(0, pixel_values.shape[0], batch_size):
         px = pixel_values[i:i + batch_size]

@@ -17,13 +17,13 @@ from trainer.models import TRAINER_SPEC
 from trainer.train import LoopConfig, train
 
 # steps per stage (batch 64): about 10 minutes on 2 CPU cores
-FULL = {"data": {"train": 8000, "val": 500, "test": 500}, "vision": 600, "lm": 300, "stage1": 400,
-        "stage2": 800, "eval_every": 200}
+FULL = {"data": {"train": 8000, "val": 500, "test": 500}, "vision": 500, "lm": 300, "stage1": 500,
+        "stage2": 1000, "eval_every": 250}
 QUICK = {"data": {"train": 256, "val": 100, "test": 100}, "vision": 20, "lm": 20, "stage1": 20,
          "stage2": 20, "eval_every": 0}
-QUICK_SIZES = dict(vision_hidden=32, vision_layers=2, vision_heads=2, vision_ffn=64, qformer_hidden=32,
-                   qformer_layers=2, qformer_heads=2, qformer_ffn=64, llm_hidden=32, llm_layers=2,
-                   llm_heads=2, llm_ffn=64)
+QUICK_SIZES = {"vision_hidden": 32, "vision_layers": 2, "vision_heads": 2, "vision_ffn": 64, "qformer_hidden": 32,
+               "qformer_layers": 2, "qformer_heads": 2, "qformer_ffn": 64, "llm_hidden": 32, "llm_layers": 2,
+               "llm_heads": 2, "llm_ffn": 64}
 
 
 def score(data_dir, stage1_dir=None, stage2_dir=None, split: str = "test", limit: int = 500,
@@ -82,24 +82,25 @@ def run_recipe(out: str | Path, t5: bool = False, ablations: bool = False, capfi
     ev = plan["eval_every"]
     vision = _stage(VisionTask(d, spec), out / "vision", plan["vision"], threads, timings, lr=1e-3)
     opt = _stage(TextTask(d, spec), out / "opt", plan["lm"], threads, timings, lr=1e-3)
-    s1 = _stage(Stage1Task(d, spec, vision), out / "stage1", plan["stage1"], threads, timings, eval_every=ev)
-    s2 = _stage(Stage2Task(d, spec, opt, s1), out / "stage2-opt", plan["stage2"], threads, timings, eval_every=ev)
+    s1 = _stage(Stage1Task(d, spec, vision), out / "stage1", plan["stage1"], threads, timings, eval_every=ev, lr=1e-3)
+    s2 = _stage(Stage2Task(d, spec, opt, s1), out / "stage2-opt", plan["stage2"], threads, timings, eval_every=ev,
+                lr=2e-3)
     report: dict = {"out": str(out), "quick": quick}
     report["test"] = score(d, s1, s2)
     if t5:
         spec5 = dataclasses.replace(spec, llm="t5")
         lm5 = _stage(TextTask(d, spec5), out / "t5", plan["lm"], threads, timings, lr=1e-3)
         s2t5 = _stage(Stage2Task(d, spec5, lm5, s1), out / "stage2-t5", plan["stage2"], threads, timings,
-                      eval_every=ev)
+                      eval_every=ev, lr=2e-3)
         report["test_t5"] = score(d, None, s2t5)
     report["recipe_seconds"] = round(time.time() - t_start, 1)
     if ablations:
         a1 = _stage(Stage2Task(d, spec, opt, None, vision), out / "ablation-stage2-without-stage1",
-                    plan["stage2"], threads, timings, eval_every=ev)
+                    plan["stage2"], threads, timings, eval_every=ev, lr=2e-3)
         a2s1 = _stage(Stage1Task(d, spec, vision, ("itc", "itm")), out / "ablation-stage1-without-itg",
-                      plan["stage1"], threads, timings, eval_every=ev)
+                      plan["stage1"], threads, timings, eval_every=ev, lr=1e-3)
         a2s2 = _stage(Stage2Task(d, spec, opt, a2s1), out / "ablation-stage1-without-itg-stage2",
-                      plan["stage2"], threads, timings, eval_every=ev)
+                      plan["stage2"], threads, timings, eval_every=ev, lr=2e-3)
         report["ablations"] = {"stage2_without_stage1": score(d, None, a1),
                                "stage1_without_itg": score(d, a2s1, a2s2)}
     if capfilt:
@@ -119,3 +120,37 @@ def run_recipe(out: str | Path, t5: bool = False, ablations: bool = False, capfi
     report["total_seconds"] = round(time.time() - t_start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def publish_demo(stage2_dir: str | Path, data_dir: str | Path, dest: str | Path, images: str | Path,
+                 n_images: int = 6) -> dict:
+    """Copy a trained stage-2 folder to ``dest`` (the exporter's embedded demo model) and ``n_images`` test
+    images to ``images``, with their reference and generated captions in ``images/captions.json``."""
+    import shutil
+
+    from blip2_export.modelzoo import load_checkpoint
+    from runtime.integrity import atomic_directory
+    from trainer import data
+    from trainer.models import generate_captions
+
+    stage2_dir = Path(stage2_dir)
+    keep = [p for p in stage2_dir.iterdir() if p.is_file()]
+    size = sum(p.stat().st_size for p in keep)
+    if size > 20 * 2**20:
+        from runtime.errors import Blip2Error
+
+        raise Blip2Error(f"{stage2_dir} is {size / 2**20:.1f} MB; the embedded demo model must be <= 20 MB")
+    with atomic_directory(dest, force=True) as tmp:
+        for p in keep:
+            shutil.copy2(p, tmp / p.name)
+    blip, tok, proc = load_checkpoint(dest)
+    recs, px = data.load_split(data_dir, "test", proc.size["height"], n_images)
+    preds = generate_captions(blip, tok, px)
+    with atomic_directory(images, force=True) as tmp:
+        rows = []
+        for i, (r, p) in enumerate(zip(recs, preds)):
+            name = f"sample_{i}.png"
+            shutil.copy2(Path(data_dir) / r["image"], tmp / name)
+            rows.append({"image": name, "reference": r["caption"], "generated": p})
+        (tmp / "captions.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return {"demo_model": str(dest), "bytes": size, "samples": rows}

@@ -109,7 +109,7 @@ class Stage2Task:
         self.tokenizer = AutoTokenizer.from_pretrained(self.llm_dir)
         self.records, self.pixels = cached_split(str(self.data_dir), "train", self.spec.image_size,
                                                  self.train_limit)
-        self.ids, self.att = tokenize(self.tokenizer, [r["caption"] for r in self.records])
+        self.ids, self.att = tokenize(self.tokenizer, [r["caption"] for r in self.records], eos=True)
         self.n_train = len(self.records)
 
     def describe(self) -> dict:

@@ -94,14 +94,28 @@ def attribute_labels(records) -> torch.Tensor:
 
 
 class CausalLM(nn.Module):
-    def __init__(self, spec, tokenizer):
+    """Next-token LM on captions behind a prefix of ``prefix`` random vectors.
+
+    In BLIP-2 the frozen decoder reads 32 visual tokens before the text, so its learned positions
+    32+ must be trained and it must tolerate a soft prefix; random vectors (not a target) teach both.
+    """
+
+    def __init__(self, spec, tokenizer, prefix: int | None = None):
         super().__init__()
         from transformers import OPTForCausalLM
 
         self.lm = OPTForCausalLM(make_config(spec, tokenizer).text_config)
+        self.prefix = spec.num_query_tokens if prefix is None else prefix
+        self.step = 0
 
     def forward(self, input_ids, attention_mask, split=None):
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        emb = self.lm.get_input_embeddings()(input_ids)
+        B, P = input_ids.shape[0], self.prefix
+        g = torch.Generator().manual_seed(int(input_ids.sum()) * 1009 + self.step)
+        noise = torch.randn(B, P, emb.shape[-1], generator=g) * emb.detach().std()
+        mask = torch.cat([torch.ones(B, P, dtype=attention_mask.dtype), attention_mask], 1)
+        logits = self.lm(inputs_embeds=torch.cat([noise.to(emb.dtype), emb], 1), attention_mask=mask).logits
+        logits = logits[:, P:-1]
         labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
         return loss, {}
@@ -136,7 +150,7 @@ class TextTask:
     def __post_init__(self):
         self.tokenizer = make_tokenizer(tokenizer_words(self.data_dir), self.spec.llm)
         records = data.read_jsonl(Path(self.data_dir) / "train.jsonl")
-        self.ids, self.att = tokenize(self.tokenizer, [r["caption"] for r in records])
+        self.ids, self.att = tokenize(self.tokenizer, [r["caption"] for r in records], eos=True)
         val = Path(self.data_dir) / "val.jsonl"
         self.val = [r["caption"] for r in data.read_jsonl(val)[:200]] if val.is_file() else []
         self.n_train = len(records)
@@ -158,7 +172,7 @@ class TextTask:
     def evaluate(self, model):
         if not self.val:
             return {}
-        ids, att = tokenize(self.tokenizer, self.val)
+        ids, att = tokenize(self.tokenizer, self.val, eos=True)
         split = torch.arange(len(self.val)) * 2  # even: no prefix, plain caption LM
         loss, _ = model(ids, att, split)
         return {"val_loss": float(loss), "val_ppl": float(torch.exp(loss))}
