@@ -418,6 +418,40 @@ def bench(model_dir, bundle, backends, batches, new_tokens, contexts, repeats, w
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Folder with <split>.jsonl lines {\"image\": ..., \"caption\": ...} (the trainer's format).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--precision", "precisions", multiple=True, default=("fp32",), show_default=True,
+              type=click.Choice(["fp32", "fp16", "int8"]), help="Repeat to compare precisions side by side.")
+@click.option("--limit", default=100, show_default=True, help="Items to score (R@1 is among this many pairs).")
+@click.option("--prompt", default="", help="Prompt for captioning (generative bundles).")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines.")
+def evaluate(bundle, data, split, precisions, limit, prompt, as_json):
+    """Score BUNDLE on a captioned dataset: caption exact match, or retrieval R@1 both ways.
+
+    \b
+    Compare a reduced-precision build with fp32 on your own data:
+      blip2-export evaluate ./bundle --data ./my-data --precision fp32 --precision int8
+    """
+    from blip2_export.evaluate import evaluate as run_eval
+
+    base = None
+    for prec in precisions:
+        q = run_eval(bundle, data, split=split, precision=prec, limit=limit, prompt=prompt, progress=True)
+        if as_json:
+            click.echo(json.dumps(q.to_json()))
+            continue
+        line = q.render()
+        score = q.exact_match if q.exact_match is not None else min(q.i2t_r1 or 0.0, q.t2i_r1 or 0.0)
+        if base is None:
+            base = score
+        else:
+            line += f"  ({(score - base) * 100:+.1f} points vs {precisions[0]})"
+        click.echo(line)
+
+
 def main(argv=None) -> int:
     """Entry point: one-line errors, exit 2 for user errors, 130 on Ctrl-C."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

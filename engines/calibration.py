@@ -118,7 +118,7 @@ def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
 
 
 def _collect_retrieval(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
-                       progress: bool = False) -> CalibrationSet:
+                       progress: bool = False, itm_texts_per_image: int = 4) -> CalibrationSet:
     """Retrieval bundles: image features of every image, text features of every prompt (the captions to
     rank), and the ITM head over every image x prompt pair."""
     from runtime.preprocess import load_image
@@ -134,9 +134,11 @@ def _collect_retrieval(bundle: str | Path, images: list[Path], prompts: tuple[st
         from tqdm import tqdm
 
         it = tqdm(it, desc="calibrate", unit="image")
-    for path in it:
+    n = len(texts.texts)
+    for k, path in enumerate(it):
         imgs = rt.encode_images([load_image(path)])
-        rt.itm(imgs, texts, [(0, t) for t in range(len(texts.texts))])
+        # ITM sees each image with a few captions (its own-index one and neighbours), not all n of them
+        rt.itm(imgs, texts, [(0, (k + j) % n) for j in range(min(itm_texts_per_image, n))])
     return cal
 
 
