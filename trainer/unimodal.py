@@ -94,10 +94,12 @@ def attribute_labels(records) -> torch.Tensor:
 
 
 class CausalLM(nn.Module):
-    """Next-token LM on captions behind a prefix of ``prefix`` random vectors.
+    """Next-token LM on captions behind a soft prefix of ``prefix`` vectors.
 
-    In BLIP-2 the frozen decoder reads 32 visual tokens before the text, so its learned positions
-    32+ must be trained and it must tolerate a soft prefix; random vectors (not a target) teach both.
+    In BLIP-2 the frozen decoder reads 32 visual tokens before the text, so its learned positions 32+
+    must be trained and it must be able to use a soft prefix, as a general LLM uses its context. The
+    prefix is random vectors; for half of the captions the embeddings of the caption's own words are
+    scattered over it in random order, so the LM learns to read content words from its context.
     """
 
     def __init__(self, spec, tokenizer, prefix: int | None = None):
@@ -113,6 +115,17 @@ class CausalLM(nn.Module):
         B, P = input_ids.shape[0], self.prefix
         g = torch.Generator().manual_seed(int(input_ids.sum()) * 1009 + self.step)
         noise = torch.randn(B, P, emb.shape[-1], generator=g) * emb.detach().std()
+        keyword = torch.rand(B, generator=g) < 0.5
+        lengths = attention_mask.sum(1)
+        rows = []
+        for b in range(B):
+            row = noise[b]
+            words = emb[b, 1 : lengths[b] - 1]  # without <s> and </s>
+            if keyword[b] and 0 < words.shape[0] <= P:
+                slots = torch.randperm(P, generator=g)[: words.shape[0]]
+                row = row.index_put((slots,), words[torch.randperm(words.shape[0], generator=g)].float())
+            rows.append(row)
+        noise = torch.stack(rows)
         mask = torch.cat([torch.ones(B, P, dtype=attention_mask.dtype), attention_mask], 1)
         logits = self.lm(inputs_embeds=torch.cat([noise.to(emb.dtype), emb], 1), attention_mask=mask).logits
         logits = logits[:, P:-1]
