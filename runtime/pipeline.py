@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends import create_backend
+from runtime.backends import GraphSet, create_backend
 from runtime.contract import Family, GraphName
 from runtime.errors import Blip2Error, InputError, LimitError
 from runtime.generation import GenerationConfig, StreamCallback, generate
-from runtime.manifest import Manifest, load_manifest, verify_graph
+from runtime.manifest import Manifest, load_manifest
 from runtime.preprocess import ImageLike, preprocess
 from runtime.text import TextTokenizer, load_embeddings
 
@@ -50,22 +50,13 @@ class Blip2Runtime:
         self.tokenizer = TextTokenizer(self.bundle / self.manifest.files["tokenizer"].file)
         self.embed = load_embeddings(self.bundle / self.manifest.files["embed_tokens"].file) \
             if "embed_tokens" in self.manifest.files else None
-        self._graphs: dict[str, object] = {}
-        import threading
-
-        self._load_lock = threading.Lock()
+        self._graph_set = GraphSet(self.bundle, self.manifest, precision, self.backend, verify)
+        self._graphs = self._graph_set.loaded
 
     # -- graphs ------------------------------------------------------------------------------------
     def graph(self, name: GraphName):
         """The runner for ``name`` (loaded once, on first use)."""
-        if name.value not in self._graphs:
-            with self._load_lock:
-                if name.value not in self._graphs:
-                    rec = self.manifest.graph(name, self.precision)
-                    if self.verify:
-                        verify_graph(self.bundle, rec)  # again: the file may have changed since start-up
-                    self._graphs[name.value] = self.backend.load(self.bundle, rec)
-        return self._graphs[name.value]
+        return self._graph_set.get(name)
 
     @property
     def family(self) -> Family:

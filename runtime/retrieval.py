@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from runtime.backends import create_backend
+from runtime.backends import GraphSet, create_backend
 from runtime.contract import Family, GraphName
 from runtime.errors import BundleError, InputError, LimitError
 from runtime.integrity import atomic_write_bytes
-from runtime.manifest import Manifest, load_manifest, verify_graph
+from runtime.manifest import Manifest, load_manifest
 from runtime.preprocess import ImageLike, preprocess
 from runtime.text import TextTokenizer
 
@@ -151,19 +150,12 @@ class RetrievalRuntime:
             self.manifest.graph(g, precision)  # fails early if one is missing
         self.backend = create_backend(backend, **backend_options)
         self.tokenizer = TextTokenizer(self.bundle / self.manifest.files["tokenizer"].file)
-        self._graphs: dict[str, object] = {}
-        self._lock = threading.Lock()
+        self._graph_set = GraphSet(self.bundle, self.manifest, precision, self.backend, verify)
+        self._graphs = self._graph_set.loaded
 
     # -- graphs ----------------------------------------------------------------------------------
     def graph(self, name: GraphName):
-        if name.value not in self._graphs:
-            with self._lock:
-                if name.value not in self._graphs:
-                    rec = self.manifest.graph(name, self.precision)
-                    if self.verify:
-                        verify_graph(self.bundle, rec)  # again: the file may have changed since start-up
-                    self._graphs[name.value] = self.backend.load(self.bundle, rec)
-        return self._graphs[name.value]
+        return self._graph_set.get(name)
 
     @property
     def max_batch(self) -> int:

@@ -40,3 +40,33 @@ def create_backend(name: str = "ort", **options) -> Backend:
 
         return TrtBackend(**options)
     raise Blip2Error(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+
+
+class GraphSet:
+    """The graphs of one bundle precision, each loaded once on first use (thread-safe).
+
+    Right before a graph is loaded its files are checked against the manifest again (when ``verify``),
+    so a file changed under a running service is refused rather than run. ``loaded`` maps graph name to
+    runner; tests and calibration may wrap a runner in place.
+    """
+
+    def __init__(self, bundle: Path, manifest, precision: str, backend: Backend, verify: bool = True):
+        import threading
+
+        self.bundle, self.manifest, self.precision = Path(bundle), manifest, precision
+        self.backend, self.verify = backend, verify
+        self.loaded: dict[str, GraphRunner] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name) -> GraphRunner:
+        from runtime.manifest import verify_graph
+
+        key = name.value
+        if key not in self.loaded:
+            with self._lock:
+                if key not in self.loaded:
+                    rec = self.manifest.graph(name, self.precision)
+                    if self.verify:
+                        verify_graph(self.bundle, rec)
+                    self.loaded[key] = self.backend.load(self.bundle, rec)
+        return self.loaded[key]
