@@ -20,7 +20,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from runtime.integrity import sha256_file
 from runtime.manifest import MANIFEST_NAME, load_manifest

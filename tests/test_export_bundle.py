@@ -81,7 +81,7 @@ def test_export_puts_wrappers_in_eval_mode(tmp_path):
     """A model left in training mode with dropout still exports the deterministic eval graph."""
     import torch
 
-    from blip2_export.modelzoo import build_random_model, save_checkpoint
+    from blip2_export.modelzoo import build_random_model
     from blip2_export.graphs import VisionGraph
 
     model, tok, proc = build_random_model("tiny", seed=3)

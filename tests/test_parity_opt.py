@@ -33,7 +33,7 @@ def test_generations_differ_across_prompts(tiny_checkpoint, tiny_bundle, tiny_mo
 
 @pytest.fixture(scope="module")
 def mid(tmp_path_factory):
-    from blip2_export.export import ExportConfig, export_bundle
+    from blip2_export.export import export_bundle
     from blip2_export.modelzoo import load_checkpoint, make_random_checkpoint
 
     ck = make_random_checkpoint(tmp_path_factory.mktemp("mid") / "ckpt", "mid", seed=1)
