@@ -7,7 +7,7 @@ engines) sit behind the same interface, so the generation loop is the same for e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -55,7 +55,7 @@ class GraphSet:
 
         self.bundle, self.manifest, self.precision = Path(bundle), manifest, precision
         self.backend, self.verify = backend, verify
-        self.loaded: dict[str, GraphRunner] = {}
+        self.loaded: dict[str, Any] = {}  # runners; tests and calibration may wrap one in place
         self._lock = threading.Lock()
 
     def get(self, name) -> GraphRunner:
