@@ -265,12 +265,7 @@ def _forced_logits_diff(model, rt, model_cls, prefix, prefix_ref, text_ids, ref)
     start = prefix_ref.shape[1] + len(text_ids) - 1
     logits_ref = logits_ref[0, start:].float().numpy()
     sm = model_cls(rt.manifest, rt.graph(GraphName.DECODER), rt.embed, prefix, [list(text_ids)])
-    logits, state = sm.prefill()
-    diffs = [float(np.abs(logits[0] - logits_ref[0]).max())]
-    for k, tok in enumerate(ref[:-1], start=1):
-        logits, state = sm.step(np.array([tok]), state)
-        diffs.append(float(np.abs(logits[0] - logits_ref[k]).max()))
-    return max(diffs)
+    return _stepwise_max_diff(sm, ref, logits_ref)
 
 
 def _forced_logits_diff_seq2seq(model, rt, prefix, prefix_ref, text_ids, ref) -> float:
@@ -287,6 +282,11 @@ def _forced_logits_diff_seq2seq(model, rt, prefix, prefix_ref, text_ids, ref) ->
         logits_ref = lm(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                         decoder_input_ids=dec_ids).logits[0].float().numpy()
     sm = EncoderDecoderModel(rt, prefix, [list(text_ids)])
+    return _stepwise_max_diff(sm, ref, logits_ref)
+
+
+def _stepwise_max_diff(sm, ref: list[int], logits_ref: np.ndarray) -> float:
+    """Prefill, then feed the eager tokens one by one; the largest |logits - eager logits| over the steps."""
     logits, state = sm.prefill()
     diffs = [float(np.abs(logits[0] - logits_ref[0]).max())]
     for k, tok in enumerate(ref[:-1], start=1):

@@ -56,3 +56,25 @@ def bundle_copy(tiny_bundle, tmp_path):
     dst = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, dst)
     return dst
+
+
+NO_TORCH_SITECUSTOMIZE = """\
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} is blocked in this test: edge boxes do not have it")
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+@pytest.fixture
+def no_torch_env(tmp_path):
+    """Environment for a subprocess in which importing torch or transformers fails (an edge box)."""
+    from pathlib import Path
+
+    site = tmp_path / "no-torch-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(NO_TORCH_SITECUSTOMIZE)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(Path(__file__).resolve().parents[1])]))

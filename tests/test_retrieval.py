@@ -216,26 +216,15 @@ def test_cli_parity_on_retrieval_bundle(retrieval):
     assert proc.stdout.rstrip().endswith("PASS")
 
 
-def test_cli_retrieve_without_torch(retrieval, tmp_path):
+def test_cli_retrieve_without_torch(retrieval, tmp_path, no_torch_env):
     """The retrieval runtime and CLI work where torch and transformers cannot be imported (edge boxes)."""
-    import os
-    from pathlib import Path
 
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
-        "            raise ImportError(name + ' is blocked')\n"
-        "sys.meta_path.insert(0, _Block())\n")
     folder = tmp_path / "imgs"
     folder.mkdir()
     IMAGES[0].save(folder / "a.png")
     caps = tmp_path / "caps.txt"
     caps.write_text("a red car\nblue sky\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(Path(__file__).resolve().parents[1])]))
+    env = no_torch_env
     proc = subprocess.run([sys.executable, "-m", "blip2_export.cli", "retrieve", str(retrieval[1]), "--images",
                            str(folder), "--texts", str(caps), "--json", "--threads", "1"],
                           check=False, capture_output=True, text=True, env=env, timeout=120)

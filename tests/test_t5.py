@@ -200,27 +200,16 @@ def test_cli_run_on_t5_bundle(t5, tmp_path, capsys):
     assert len(out["token_ids"]) <= 6 and out["token_ids"]
 
 
-def test_t5_runtime_without_torch(t5, tmp_path):
+def test_t5_runtime_without_torch(t5, tmp_path, no_torch_env):
     """The encoder-decoder runtime needs no torch or transformers."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
-        "            raise ImportError(name + ' is blocked')\n"
-        "sys.meta_path.insert(0, _Block())\n")
     code = ("import numpy as np; from runtime.pipeline import Blip2Runtime; "
             f"rt = Blip2Runtime({str(t5[1])!r}, threads=1); "
             "print(rt.generate([np.full((40, 40, 3), 120, np.uint8)], 'a photo of', max_new_tokens=5,"
             " num_beams=2)[0].token_ids)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(Path(__file__).resolve().parents[1])]))
+    env = no_torch_env
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith("[")
