@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import Blip2Error, BundleError
-from runtime.contract import GraphName
 from runtime.integrity import atomic_write_text
 from runtime.manifest import (
     MANIFEST_NAME,
@@ -57,6 +56,7 @@ class BuildConfig:
     calib_percentile: float = 99.99
     calib_limit: int = 64  # images used at most
     llm_int8: str = "weight"  # LLM graphs: weight-only int8 ("weight") or calibrated Q/DQ ("static")
+    ort_int8: str = "nbits"  # ORT decoder engine of int8 weights: MatMulNBits ("nbits") or fp32 copies ("fold")
     force: bool = False  # redo the ONNX transform even when the bundle already has this precision
 
     def resolved_backend(self) -> str:
@@ -93,6 +93,10 @@ class BuildConfig:
                              f"{', '.join(m.value for m in CalibMethod)}")
         if not 90.0 <= self.calib_percentile < 100.0:
             raise Blip2Error(f"--calib-percentile must be in [90, 100) (got {self.calib_percentile})")
+        from engines.ort_optimize import INT8_MODES
+
+        if self.ort_int8 not in INT8_MODES:
+            raise Blip2Error(f"--ort-int8 {self.ort_int8!r} is not one of {', '.join(INT8_MODES)}")
         if self.llm_int8 not in {r.value for r in Recipe}:
             raise Blip2Error(f"--llm-int8 {self.llm_int8!r} is not one of {', '.join(r.value for r in Recipe)}")
         if self.timing_cache is not None and self.timing_cache.is_dir():
@@ -197,12 +201,14 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
         graphs = dict(manifest.graphs.get(prec, {}))
         if transformed:
             graphs = _transform(bundle, stage, manifest, config, progress, say, _files_of_all(manifest))
-            if backend == "ort" and GraphName.DECODER.value in graphs:
-                # The fused-attention, in-place-KV-cache ORT build of the new decoder, like export makes.
+            if backend == "ort":
+                # ORT builds of the new graphs, made once here: the decoder's fused attention and in-place
+                # KV cache (as export makes for fp32), uint8 activations for calibrated int8 graphs.
                 from engines.ort_optimize import attach_ort_engine
 
-                graphs[GraphName.DECODER.value] = attach_ort_engine(stage, graphs[GraphName.DECODER.value],
-                                                                    manifest.model, warn=say)
+                for name in list(graphs):
+                    graphs[name] = attach_ort_engine(stage, graphs[name], manifest.model, warn=say,
+                                                     int8=config.ort_int8)
         new_files = [f.name for f in stage.iterdir()]
         engine_names: list[str] = []
         if backend == "trt":

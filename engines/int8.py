@@ -201,16 +201,25 @@ def _quiet_ort_logging():
 
 
 # -- weight-only -----------------------------------------------------------------------------------
-def quantize_weights(src: str | Path, graph: str, io: GraphIO, exclude: tuple[str, ...] = ()) -> Int8Result:
+QUANTIZE_LOGITS = True  # weight-only recipe: the LM head's weight is int8 too (see quantize_weights)
+
+
+def quantize_weights(src: str | Path, graph: str, io: GraphIO, exclude: tuple[str, ...] = (),
+                     logits: bool | None = None) -> Int8Result:
     """Store every constant 2-D weight of a MatMul/Gemm as int8 + per-output-channel scale (DequantizeLinear).
 
-    The node computing ``logits`` and the nodes named in ``exclude`` keep their fp32 weights.
+    The nodes named in ``exclude`` keep their fp32 weights. ``logits`` (default :data:`QUANTIZE_LOGITS`):
+    whether the layer computing ``logits`` (the LM head) is quantized too. It is the largest weight of a
+    small LLM (a third of OPT-125M's bytes), so at decode, where every step reads all weights, leaving it
+    fp32 would cost more than all other layers together; its output, like every activation here, stays
+    float32.
     """
     from onnx import TensorProto, helper, numpy_helper
 
     model = load_model(src)
     ensure_node_names(model)
-    exclude = (*exclude, *float_outputs_nodes(model, io))  # logits stay fp32, as in the static recipe
+    if not (QUANTIZE_LOGITS if logits is None else logits):
+        exclude = (*exclude, *float_outputs_nodes(model, io))
     inits = {t.name: t for t in model.graph.initializer}
     done: dict[str, str] = {}
     new_nodes = []

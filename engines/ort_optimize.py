@@ -273,7 +273,11 @@ def last_position_logits(model) -> bool:
     node = g.producer.get("logits")
     while node is not None and node.op_type == "Cast":
         node = g.producer.get(node.input[0])
-    if node is None or node.op_type != "MatMul" or g.const(node.input[1]) is None:
+    if node is None or node.op_type != "MatMul":
+        return False
+    weight = g.producer.get(node.input[1])  # a constant, or the int8 recipe's DequantizeLinear of one
+    if g.const(node.input[1]) is None and not (weight is not None and weight.op_type == "DequantizeLinear"
+                                               and g.const(weight.input[0]) is not None):
         return False
     p = "/ort_last"
     states = node.input[0]
@@ -345,15 +349,19 @@ def fold_int8_weights(model) -> int:
     return folded
 
 
-def lower_int8_weights(model) -> int:
+NBITS_BLOCK = 128  # MatMulNBits block: the activations are quantized per block of this many inputs
+NBITS_ACCURACY_LEVEL = 4  # MLAS's int8-compute kernel (levels 0-1 dequantize to fp32: ~4x slower here)
+
+
+def lower_int8_weights(model, *, block_size: int = NBITS_BLOCK) -> int:
     """Replace ``DequantizeLinear(int8 weight) -> MatMul/Gemm`` by ``com.microsoft.MatMulNBits`` (8 bits).
 
-    Opt-in (``int8="nbits"``): MatMulNBits reads the int8 bytes directly (half the memory traffic of
-    fp32 per step), but its fast CPU kernel (``accuracy_level`` 4) also quantizes the activations per
-    block at run time: W8A8 rather than the recipe's weight-only int8. Check parity before using it
-    (on the tiny test model it drops token agreement below the int8 threshold). Symmetric per-channel
-    weights map exactly (uint8 with zero point 128, the channel's scale repeated over its blocks).
-    Returns the number of layers lowered; anything else is left alone.
+    ``int8="nbits"``: MatMulNBits reads the int8 bytes directly (a quarter of fp32's memory traffic per
+    decode step) and, with ``accuracy_level`` 4, multiplies them with the activations quantized to int8
+    per block of ``block_size`` inputs at run time (one scale per block of each row): W8A8 with fine
+    activation blocks rather than the recipe's weight-only arithmetic. Symmetric per-channel weights map
+    exactly (uint8 with zero point 128, the channel's scale repeated over its blocks). Returns the
+    number of layers lowered; anything else is left alone.
     """
     from onnx import helper, numpy_helper
 
@@ -385,7 +393,7 @@ def lower_int8_weights(model) -> int:
         if axis % 2 != channel_axis or scale.size != w_nk.shape[0]:
             continue
         n_out, k = w_nk.shape
-        block = next((b for b in (256, 128, 64, 32, 16) if k % b == 0), None)
+        block = next((b for b in (block_size, 16) if k % b == 0), None)
         if block is None:
             continue
         blocks = k // block
@@ -397,7 +405,7 @@ def lower_int8_weights(model) -> int:
         out = mm.output[0] if bias is None else mm.output[0] + "__nobias"
         adds.append(helper.make_node("MatMulNBits", [mm.input[0], name, name + "_scales", name + "_zero_points"],
                                      [out], name=mm.name + "__nbits", domain="com.microsoft", K=k, N=n_out, bits=8,
-                                     block_size=block, accuracy_level=4))
+                                     block_size=block, accuracy_level=NBITS_ACCURACY_LEVEL))
         if bias is not None:
             adds.append(helper.make_node("Add", [out, bias], [mm.output[0]], name=mm.name + "__bias"))
         drop_nodes.update((dq.name, mm.name))
@@ -416,8 +424,255 @@ def lower_int8_weights(model) -> int:
     return lowered
 
 
+def pack_qkv(model) -> int:
+    """Compute each layer's query, key and value projections as one matmul feeding a packed
+    ``GroupQueryAttention`` (its ``query`` input holds q|k|v; ``key``/``value`` left empty).
+
+    At batch 1 a decode step's 768x768 projections are small enough that dispatching each one costs
+    about as much as reading its weight; one 768x2304 product per layer reads the same bytes in one go.
+    Works on constant fp32 weights (``MatMul``) and on ``MatMulNBits``; the values are the same (the
+    output columns are just concatenated). Returns the number of layers packed.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    g = _Graph(model)
+    packed = 0
+    adds: list = []
+    new_inits: list = []
+    drop: set[str] = set()
+    for gqa in [n for n in graph.node if n.op_type == "GroupQueryAttention"]:
+        if len(gqa.input) < 3 or not gqa.input[1] or not gqa.input[2]:
+            continue
+        parts = []
+        for t in gqa.input[:3]:
+            add = g.producer.get(t)
+            if add is None or add.op_type != "Add" or len(g.consumers.get(t, [])) != 1:
+                break
+            bias_i = next((i for i, x in enumerate(add.input) if _const(g, x) is not None), None)
+            if bias_i is None:
+                break
+            bias = _const(g, add.input[bias_i])
+            mm = g.producer.get(add.input[1 - bias_i])
+            if (bias is None or bias.ndim != 1 or mm is None or mm.op_type not in ("MatMul", "MatMulNBits")
+                    or len(g.consumers.get(mm.output[0], [])) != 1):
+                break
+            if mm.op_type == "MatMulNBits" and len(mm.input) != 4:
+                break
+            weights = [_const(g, x) for x in mm.input[1:]]
+            if any(w is None for w in weights) or (mm.op_type == "MatMul" and weights[0].ndim != 2):
+                break
+            parts.append((add, mm, bias, weights))
+        if len(parts) != 3:
+            continue
+        mms = [p[1] for p in parts]
+        x = mms[0].input[0]
+        attrs = [{a.name: helper.get_attribute_value(a) for a in m.attribute} for m in mms]
+        if any(m.input[0] != x or m.op_type != mms[0].op_type for m in mms) or any(
+                {k: v for k, v in a.items() if k != "N"} != {k: v for k, v in attrs[0].items() if k != "N"}
+                for a in attrs):
+            continue
+        name = f"{gqa.name}/qkv"
+        axis = 1 if mms[0].op_type == "MatMul" else 0  # MatMul: [K, N]; MatMulNBits: [N, blocks, block]
+        tensors = [numpy_helper.from_array(np.concatenate([p[3][0] for p in parts], axis=axis), f"{name}/weight")]
+        inputs = [x, tensors[0].name]
+        for j, suffix in enumerate(("scales", "zero_points")[:len(mms[0].input) - 2]):
+            tensors.append(numpy_helper.from_array(np.concatenate([p[3][j + 1] for p in parts]), f"{name}/{suffix}"))
+            inputs.append(tensors[-1].name)
+        tensors.append(numpy_helper.from_array(np.concatenate([p[2] for p in parts]), f"{name}/bias"))
+        node_attrs = dict(attrs[0])
+        if "N" in node_attrs:
+            node_attrs["N"] = sum(a["N"] for a in attrs)
+        adds.append(helper.make_node(mms[0].op_type, inputs, [f"{name}/raw"], name=f"{name}/MatMul",
+                                     domain=mms[0].domain or None, **node_attrs))
+        adds.append(helper.make_node("Add", [f"{name}/raw", tensors[-1].name], [f"{name}/out"], name=f"{name}/Add"))
+        new_inits += tensors
+        gqa.input[0], gqa.input[1], gqa.input[2] = f"{name}/out", "", ""
+        drop.update(n.name for p in parts for n in p[:2])
+        packed += 1
+    if packed:
+        kept = [n for n in graph.node if n.name not in drop]
+        del graph.node[:]
+        graph.node.extend(kept)
+        graph.initializer.extend(new_inits)
+        _toposort_append(graph, adds)
+        _prune(graph)
+    return packed
+
+
+ROW_OPS = ("LayerNormalization", "MatMulNBits", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Gelu", "Erf",
+           "Tanh", "Sigmoid")  # ops that act on each row of [..., hidden] alike, whatever the leading dims
+
+
+def _const(g: _Graph, tensor: str) -> np.ndarray | None:
+    """``g.const``, also through ``Identity`` nodes (the exporter shares equal weights that way)."""
+    node = g.producer.get(tensor)
+    while node is not None and node.op_type == "Identity":
+        tensor = node.input[0]
+        node = g.producer.get(tensor)
+    return g.const(tensor)
+
+
+def _shape_expr(g: _Graph, tensor: str) -> list | None:
+    """A 1-D shape tensor as a list of ints and ``("dim", x, axis)`` items, or None when not understood."""
+    c = g.const(tensor)
+    if c is not None:
+        return [int(v) for v in np.asarray(c).reshape(-1)]
+    node = g.producer.get(tensor)
+    if node is None:
+        return None
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type == "Concat":
+        parts = [_shape_expr(g, x) for x in node.input]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]  # type: ignore[union-attr]
+    if node.op_type in ("Unsqueeze", "Squeeze"):
+        inner = _shape_expr(g, node.input[0])
+        return inner if inner is not None and len(inner) == 1 else None
+    src = g.producer.get(node.input[0])
+    if src is None or src.op_type != "Shape" or src.attribute:
+        return None
+    if node.op_type == "Gather" and ("axis" not in attrs or attrs["axis"].i == 0):
+        idx = g.const(node.input[1])
+        if idx is not None and idx.size == 1:
+            return [("dim", src.input[0], int(idx.reshape(())))]
+    if node.op_type == "Slice":
+        args = [g.const(x) if x else None for x in node.input[1:]]
+        starts, ends = args[0], args[1]
+        axes = args[2] if len(args) > 2 else None
+        steps = args[3] if len(args) > 3 else None
+        if (starts is not None and ends is not None and starts.tolist() == [-1] and ends.tolist()[0] >= 2**31
+                and (axes is None or axes.tolist() == [0]) and (steps is None or steps.tolist() == [1])):
+            return [("dim", src.input[0], -1)]
+    return None
+
+
+def drop_row_reshapes(model) -> int:
+    """Remove each flatten-to-rows / restore pair of ``Reshape`` around row-wise work.
+
+    OPT's decoder layers reshape ``[batch, seq, hidden]`` to ``[batch * seq, hidden]`` for the MLP and
+    back afterwards; each pair costs ~17 small shape ops per layer (Shape, Gather, Unsqueeze, Concat),
+    which at batch 1 is a measurable part of a decode step once the weights are int8. When everything
+    between the two reshapes treats rows alike (LayerNorm over the last axis, matmuls with a constant
+    weight, bias adds, activations), both reshapes are identities on the values and are dropped.
+    Returns the number of pairs removed.
+    """
+    graph = model.graph
+    removed = 0
+    outputs = {o.name for o in graph.output}
+    reshaped: set[str] = set()  # tensors that were [rows, hidden] and are now [batch, seq, hidden]
+    for r1 in [n for n in graph.node if n.op_type == "Reshape"]:
+        g = _Graph(model)
+        if r1.name not in {n.name for n in graph.node}:
+            continue
+        x = r1.input[0]
+        if _shape_expr(g, r1.input[1]) != [-1, ("dim", x, -1)]:
+            continue
+        region, ends, accepted, ok = {r1.output[0]}, [], set(), True
+        grew = True
+        while grew and ok:  # grow the region until it stops; a node joins once all its data inputs are in it
+            grew = False
+            for n in [n for t in list(region) for n in g.consumers.get(t, [])]:
+                if n.name in accepted:
+                    continue
+                if n.op_type == "Reshape" and n.input[0] in region:
+                    expr = _shape_expr(g, n.input[1])
+                    ok = ok and bool(expr) and expr == [("dim", x, i) for i in range(len(expr or []))]
+                    ends.append(n)
+                    accepted.add(n.name)
+                    continue
+                data = [i for i in n.input if i and _const(g, i) is None]
+                if n.op_type not in ROW_OPS or not all(i in region for i in data[:1]):
+                    ok = False
+                    break
+                if not all(i in region for i in data):
+                    continue  # an input is still outside: wait for it (the residual add of the MLP's output)
+                if n.op_type == "LayerNormalization":
+                    ok = next((a.i for a in n.attribute if a.name == "axis"), -1) == -1
+                elif n.op_type == "MatMul":
+                    w = _const(g, n.input[1])
+                    ok = w is not None and w.ndim == 2
+                elif n.op_type != "MatMulNBits":
+                    ok = all(i in region or _const(g, i).ndim <= 1 for i in n.input if i)  # type: ignore[union-attr]
+                if not ok or any(o in outputs for o in n.output):
+                    ok = False
+                    break
+                accepted.add(n.name)
+                region.update(n.output)
+                grew = True
+        consumers = {n.name for t in region for n in g.consumers.get(t, [])}
+        ok = ok and consumers <= accepted
+        if not ok or not ends:
+            continue
+        rename = {r1.output[0]: x, **{r2.output[0]: r2.input[0] for r2 in ends}}
+        drop = {r1.name, *(r2.name for r2 in ends)}
+        kept = [n for n in graph.node if n.name not in drop]
+        for n in kept:
+            for i, name in enumerate(n.input):
+                if name in rename:
+                    n.input[i] = rename[name]
+        del graph.node[:]
+        graph.node.extend(kept)
+        reshaped |= region
+        removed += 1
+    if removed:
+        info = [v for v in graph.value_info if v.name not in reshaped]  # their recorded 2-D shapes no longer hold
+        del graph.value_info[:]
+        graph.value_info.extend(info)
+        _prune(graph)
+    return removed
+
+
+def uint8_activations(model) -> int:
+    """Re-express each symmetric int8 activation ``QuantizeLinear -> DequantizeLinear`` pair as uint8
+    with zero point 128.
+
+    The integers are the same ones shifted by 128 (``saturate(round(x / s)) + 128``), so every value the
+    graph computes is unchanged. What changes is the kernel ONNX Runtime picks: on x86 its int8 GEMMs
+    (``QLinearMatMul`` / ``MatMulIntegerToFloat``, fused from the Q/DQ pattern) have VNNI kernels for
+    uint8 activations x int8 weights only; with int8 activations it falls back to a path about 20x
+    slower and leaves many weight ``DequantizeLinear`` unfused (rebuilding fp32 weights every run).
+    TensorRT wants symmetric int8 (zero point 0), which is why the portable graph keeps it.
+    Returns the number of pairs rewritten.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    g = _Graph(model)
+    zero_points: dict[tuple[int, ...], str] = {}
+    rewritten: set[str] = set()
+
+    def int8_zero(node) -> tuple[int, ...] | None:
+        z = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return tuple(z.shape) if z is not None and z.dtype == np.int8 and not z.any() else None
+
+    def u8_zero(shape: tuple[int, ...]) -> str:
+        if shape not in zero_points:
+            name = f"__uint8_zero_point_{len(zero_points)}"
+            graph.initializer.append(numpy_helper.from_array(np.full(shape, 128, np.uint8), name))
+            zero_points[shape] = name
+        return zero_points[shape]
+
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        if q.input[0] in g.inits or (shape := int8_zero(q)) is None:
+            continue
+        users = g.consumers.get(q.output[0], [])
+        if not users or any(u.op_type != "DequantizeLinear" or u.input[0] != q.output[0] or int8_zero(u) is None
+                            for u in users) or any(o.name == q.output[0] for o in graph.output):
+            continue
+        q.input[2] = u8_zero(shape)
+        for u in users:
+            u.input[2] = u8_zero(int8_zero(u) or shape)
+        rewritten.add(q.output[0])
+    if rewritten:  # shapes inferred at export recorded these tensors as int8
+        info = [v for v in graph.value_info if v.name not in rewritten]
+        del graph.value_info[:]
+        graph.value_info.extend(info)
+        _prune(graph)
+    return len(rewritten)
+
+
 def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads: int, head_dim: int,
-                         int8: str = "fold") -> tuple[list[str], dict]:
+                         int8: str = "nbits") -> tuple[list[str], dict]:
     """Read the exported decoder at ``src``, fuse its attention, write the ORT engine graph at ``dst``.
 
     Returns (external data files written beside ``dst``, notes for the manifest). Written through a
@@ -429,18 +684,49 @@ def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads
     result = fuse_decoder_attention(model, layers=layers, heads=heads, head_dim=head_dim)
     if int8 not in INT8_MODES:
         raise Blip2Error(f"unknown int8 engine mode {int8!r}; choose one of: {', '.join(INT8_MODES)}")
+    last = last_position_logits(model)
     lowered = lower_int8_weights(model) if int8 == "nbits" else 0
     folded = fold_int8_weights(model)
-    last = last_position_logits(model)
+    reshapes = drop_row_reshapes(model)
+    packed = pack_qkv(model)
     ext = save_model_atomic(model, Path(dst))
     notes = dict(result.notes, nodes_before=result.nodes_before, nodes_after=len(model.graph.node),
-                 logits="last" if last else "all")
+                 logits="last" if last else "all", row_reshapes_dropped=reshapes,
+                 qkv_packed=packed)
     if lowered:
-        notes["int8_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 8, "accuracy_level": 4,
-                                "layers": lowered, "activations": "quantized per block at run time"}
+        notes["int8_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 8,
+                                "accuracy_level": NBITS_ACCURACY_LEVEL, "block_size": NBITS_BLOCK,
+                                "layers": lowered,
+                                "activations": f"int8 per block of {NBITS_BLOCK} inputs, quantized at run time"}
     if folded:
         notes["int8_weights_folded"] = folded  # DequantizeLinear computed once: fp32 weights, same values
     return ext, notes
+
+
+def build_qdq_engine(src: str | Path, dst: str | Path) -> tuple[list[str], dict]:
+    """ORT build of a calibrated (static Q/DQ) int8 graph: its activation pairs in uint8 (see
+    :func:`uint8_activations`), everything else as in the portable graph. Raises :class:`PatternError`
+    when the graph has no int8 activation pair to rewrite. Returns (external data files, notes)."""
+    from engines.onnx_utils import load_model, save_model_atomic
+
+    model = load_model(src)
+    pairs = uint8_activations(model)
+    if not pairs:
+        raise PatternError(f"{Path(src).name} has no symmetric int8 activation QuantizeLinear to rewrite")
+    ext = save_model_atomic(model, Path(dst))
+    return ext, {"activations": "uint8, zero point 128 (the graph's symmetric int8 values, shifted)",
+                 "activation_pairs": pairs}
+
+
+def wants_engine(record) -> str | None:
+    """Which ORT engine build a graph record gets: "decoder", "qdq" or None."""
+    from runtime.contract import GraphName
+
+    if record.name == GraphName.DECODER.value:
+        return "decoder"
+    if record.notes.get("transform") == "int8" and record.notes.get("recipe") == "static":
+        return "qdq"
+    return None
 
 
 def engine_record_fields() -> dict:
@@ -449,9 +735,11 @@ def engine_record_fields() -> dict:
     return {"backend": "ort", "device_name": "cpu", "compute_capability": "", "backend_version": ort.__version__}
 
 
-def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None, int8: str = "fold"):
-    """Build the ORT engine of decoder ``record`` inside ``bundle_dir``; return the record with it attached.
+def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None, int8: str = "nbits"):
+    """Build the ORT engine of graph ``record`` inside ``bundle_dir``; return the record with it attached.
 
+    Decoders get fused attention and the in-place KV cache (:func:`build_decoder_engine`); calibrated
+    int8 graphs get uint8 activations (:func:`build_qdq_engine`); other graphs are returned unchanged.
     The engine is listed in ``record.engines`` (file + sha256, checked like every bundle file) and
     described in ``record.notes["ort_engine"]``, which tells the runtime how to feed it. When the graph
     does not match the rewrite, ``record`` is returned unchanged (the portable graph still runs) and
@@ -461,13 +749,19 @@ def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None,
 
     from runtime.manifest import EngineRecord, file_record
 
+    kind = wants_engine(record)
+    if kind is None:
+        return record
     bundle_dir = Path(bundle_dir)
     stem = record.file.removesuffix(".onnx")
     dst = f"{stem}.ort.onnx"
     m = model_facts
     try:
-        ext, notes = build_decoder_engine(bundle_dir / record.file, bundle_dir / dst, layers=m.llm_layers,
-                                          heads=m.llm_heads, head_dim=m.head_dim, int8=int8)
+        if kind == "decoder":
+            ext, notes = build_decoder_engine(bundle_dir / record.file, bundle_dir / dst, layers=m.llm_layers,
+                                              heads=m.llm_heads, head_dim=m.head_dim, int8=int8)
+        else:
+            ext, notes = build_qdq_engine(bundle_dir / record.file, bundle_dir / dst)
     except PatternError as e:
         if warn is not None:
             warn(f"no ORT engine for {record.file}: {e}")
@@ -483,15 +777,15 @@ def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None,
 
 
 def add_ort_engines(bundle: str | Path, precisions: tuple[str, ...] | None = None, *, force: bool = False,
-                    warn=None, int8: str = "fold") -> list[str]:
-    """Build ORT engines for the decoder graphs of an existing bundle that lack one; rewrite its manifest.
+                    warn=None, int8: str = "nbits") -> list[str]:
+    """Build the ORT engines an existing bundle's graphs lack (see :func:`attach_ort_engine`); rewrite
+    its manifest.
 
-    For bundles exported without the engine, or precisions added later by ``blip2-export build``.
-    Returns the precisions that gained an engine. The manifest is replaced atomically, last.
+    For bundles exported without engines, or built by an older version. Returns the precisions that
+    gained an engine. The manifest is replaced atomically, last.
     """
     import dataclasses
 
-    from runtime.contract import GraphName
     from runtime.integrity import atomic_write_text
     from runtime.manifest import MANIFEST_NAME, load_manifest
 
@@ -500,21 +794,23 @@ def add_ort_engines(bundle: str | Path, precisions: tuple[str, ...] | None = Non
     graphs = {p: dict(gs) for p, gs in m.graphs.items()}
     done = []
     for prec, gs in graphs.items():
-        rec = gs.get(GraphName.DECODER.value)
-        if rec is None or (precisions is not None and prec not in precisions):
+        if precisions is not None and prec not in precisions:
             continue
-        if "ort_engine" in rec.notes:
-            if not force:
+        for name, rec in list(gs.items()):
+            if wants_engine(rec) is None:
                 continue
-            old = {rec.notes["ort_engine"].get("file"), *rec.notes["ort_engine"].get("external_data", [])}
-            rec = dataclasses.replace(rec, engines=tuple(e for e in rec.engines if e.file not in old),
-                                      notes={k: v for k, v in rec.notes.items() if k != "ort_engine"})
-            gs[GraphName.DECODER.value] = rec
-        new = attach_ort_engine(bundle, rec, m.model, warn=warn, int8=int8)
-        if new is not rec:
-            gs[GraphName.DECODER.value] = new
-            done.append(prec)
+            if "ort_engine" in rec.notes:
+                if not force:
+                    continue
+                old = {rec.notes["ort_engine"].get("file"), *rec.notes["ort_engine"].get("external_data", [])}
+                rec = dataclasses.replace(rec, engines=tuple(e for e in rec.engines if e.file not in old),
+                                          notes={k: v for k, v in rec.notes.items() if k != "ort_engine"})
+                gs[name] = rec
+            new = attach_ort_engine(bundle, rec, m.model, warn=warn, int8=int8)
+            if new is not rec:
+                gs[name] = new
+                if prec not in done:
+                    done.append(prec)
     if done or force:
         atomic_write_text(bundle / MANIFEST_NAME, dataclasses.replace(m, graphs=graphs).dumps())
-        (bundle / MANIFEST_NAME).chmod(0o644)  # a bundle is meant to be shared
     return done

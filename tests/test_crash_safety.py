@@ -371,3 +371,16 @@ def test_killed_training_resumes_from_a_complete_checkpoint(tmp_path):
     print(f"\ntraining killed at: {_describe(results)}; checkpoint step left: {left}; all resumed to step 6 "
           f"with the uninterrupted losses (of {results[0]['events']} file-system steps)")
     assert any(s in (2, 4) for s in left), "no kill landed after a mid-run checkpoint: resume was not exercised"
+
+
+def test_atomic_write_keeps_permissions_and_shares_new_files(tmp_path):
+    """mkstemp makes private files; a rewritten manifest must stay readable to the other users of a bundle."""
+    from runtime.integrity import atomic_write_text
+
+    fresh, kept = tmp_path / "manifest.json", tmp_path / "private.json"
+    atomic_write_text(fresh, "{}")
+    assert fresh.stat().st_mode & 0o777 == 0o644
+    kept.write_text("old")
+    kept.chmod(0o600)
+    atomic_write_text(kept, "new")
+    assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o600

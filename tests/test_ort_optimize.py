@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -38,6 +39,7 @@ def test_export_writes_an_engine_with_fused_attention(tiny_bundle):
     rec = m.graph(GraphName.DECODER)
     info = rec.notes["ort_engine"]
     assert info["kv_cache"] == KV_SHARED and info["layers_fused"] == m.model.llm_layers
+    assert info["qkv_packed"] == m.model.llm_layers  # one q|k|v matmul per layer feeding packed attention
     assert info["logits"] == "last"  # the LM head runs on one position per row
     assert [e.file for e in rec.engines if e.backend == "ort"] == [info["file"]]
     g = onnx.load(str(tiny_bundle / info["file"])).graph
@@ -126,8 +128,12 @@ def test_graph_without_the_pattern_is_left_alone(tiny_bundle, tmp_path):
     shutil.copy(tiny_bundle / "vision.onnx", tmp_path / "vision.onnx")
     rec = m.graph(GraphName.VISION)
     warnings = []
-    assert attach_ort_engine(tmp_path, rec, m.model, warn=warnings.append) is rec
+    assert attach_ort_engine(tmp_path, rec, m.model, warn=warnings.append) is rec  # fp32 vision: no engine kind
+    assert warnings == []
+    as_decoder = dataclasses.replace(m.graph(GraphName.DECODER), file="vision.onnx")
+    assert attach_ort_engine(tmp_path, as_decoder, m.model, warn=warnings.append) is as_decoder
     assert warnings and "no ORT engine" in warnings[0]
+    assert not list(tmp_path.glob("*.ort.onnx"))
     with pytest.raises(PatternError, match="multiple of 8"):
         fuse_decoder_attention(onnx.load(str(tiny_bundle / "decoder.onnx")), layers=2, heads=4, head_dim=12)
 
@@ -147,8 +153,8 @@ def test_add_engines_to_an_existing_bundle(bundle_copy):
 
 @pytest.mark.parametrize("mode", ["fold", "nbits"])
 def test_weight_only_int8_engine(tiny_bundle, tmp_path, mode):
-    """fold (default): DequantizeLinear of int8 weights computed once, same values as the int8 graph.
-    nbits (opt-in): one MatMulNBits per layer reads the int8 bytes (activations quantized at run time)."""
+    """nbits (default): one MatMulNBits per layer reads the int8 bytes (activations quantized at run time).
+    fold: DequantizeLinear of int8 weights computed once, same values as the int8 graph."""
     import onnxruntime as ort
 
     from engines.int8 import quantize_weights
@@ -166,7 +172,8 @@ def test_weight_only_int8_engine(tiny_bundle, tmp_path, mode):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "engine.onnx")).graph.node]
     assert "DequantizeLinear" not in ops
     if mode == "nbits":
-        assert notes["int8_matmul"]["layers"] == dq and ops.count("MatMulNBits") == dq
+        # q, k and v of each layer end up in one packed MatMulNBits
+        assert notes["int8_matmul"]["layers"] == dq and ops.count("MatMulNBits") == dq - 2 * notes["qkv_packed"]
     else:
         assert notes["int8_weights_folded"] == dq and "MatMulNBits" not in ops
 
@@ -186,4 +193,44 @@ def test_weight_only_int8_engine(tiny_bundle, tmp_path, mode):
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
     else:
         cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
-        assert cos > 0.999 and ref.argmax(-1) == got.argmax(-1)
+        assert cos > 0.999
+        # the token it picks is one the int8 graph scores within a small margin of its best
+        r = ref.reshape(-1)
+        assert r.max() - r[got.argmax()] < 0.02 * (r.max() - r.min()), (r.max(), r[got.argmax()])
+
+
+def test_uint8_activations_keep_the_values_and_pick_the_fast_kernel():
+    """Symmetric int8 activation Q/DQ pairs become uint8 (zero point 128): the same integers shifted."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engines.int8 import quantize_per_channel
+    from engines.ort_optimize import uint8_activations
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 48)).astype(np.float32)
+    wq, ws = quantize_per_channel(w, 1)
+    x_scale = np.float32(3.0 / 127)
+    inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(ws, "ws"),
+             numpy_helper.from_array(np.zeros(48, np.int8), "wz"), numpy_helper.from_array(x_scale, "xs"),
+             numpy_helper.from_array(np.int8(0), "xz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dqx"),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="dqw", axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])], inits,
+                              value_info=[helper.make_tensor_value_info("xq", TensorProto.INT8, [None, 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    before = model.SerializeToString()
+    assert uint8_activations(model) == 1
+    zps = {n.name: numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == n.input[2]))
+           for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    assert zps["q"].dtype == np.uint8 and zps["q"] == 128 and zps["dqx"] == 128
+    assert zps["dqw"].dtype == np.int8  # weights stay symmetric int8
+    x = (rng.normal(size=(5, 64)) * 2).astype(np.float32)
+    x[0, 0] = 10.0  # saturates: int8 clamps at -128/127, uint8 at 0/255, the same integer after the shift
+    run = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+           for m in (before, model.SerializeToString())]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-5)
+    assert uint8_activations(model) == 0  # already uint8: nothing left to rewrite

@@ -10,6 +10,7 @@ import pytest
 
 from blip2_export.parity import THRESHOLDS, list_images, run_parity
 from engines.build import BuildConfig, build_bundle
+from runtime.contract import GraphName
 from runtime.errors import InputError
 from runtime.manifest import load_manifest
 from runtime.pipeline import Blip2Runtime
@@ -61,7 +62,15 @@ def test_manifest_records_precision_io_and_islands(built):
     assert vis8.notes["recipe"] == "static" and vis8.notes["quantize_linear_nodes"] > 0
     assert vis8.notes["calibration"]["samples"] == 4
     assert dec8.notes["recipe"] == "weight" and dec8.notes["linear_layers_quantized"] > 0
-    assert any("lm_head" in n for n in dec8.notes["kept_float32"]["nodes"])
+    assert dec8.notes["kept_float32"]["nodes"] == []  # the LM head's weight is int8 too (its output stays fp32)
+    # ORT builds: calibrated graphs with uint8 activations, the decoder with MatMulNBits + fused attention
+    for name in ("vision", "qformer"):
+        info = m.graph(name, "int8").notes["ort_engine"]
+        assert info["file"] == f"{name}.int8.ort.onnx" and info["activation_pairs"] > 0
+    eng8 = dec8.notes["ort_engine"]
+    assert eng8["int8_matmul"]["layers"] == dec8.notes["linear_layers_quantized"]
+    # the MLP's flatten/restore reshapes are gone (MatMulNBits takes [batch, seq, hidden]); q|k|v packed
+    assert eng8["row_reshapes_dropped"] == eng8["qkv_packed"] == m.model.llm_layers
     assert {t.dtype for t in dec8.io.inputs if t.name != "attention_mask" and t.name != "position_ids"} == {"float32"}
 
 
@@ -111,6 +120,22 @@ def test_int8_parity_on_tiny(built, tiny_checkpoint, tiny_model):
     # Teacher-forced logits stay close; on this random 2-layer model near-tied logits flip some tokens.
     assert max(g.max_logits_diff for g in rep.generations) < 0.2, rep.render()
     assert rep.token_agreement >= THRESHOLDS["int8"].token_agreement, rep.render()
+
+
+def test_int8_ort_engines_compute_what_the_portable_graphs_compute(built):
+    """The uint8-activation ORT builds of the calibrated vision / Q-Former graphs are loaded by default and
+    give the portable int8 graphs' values (same integers), at the speed of ORT's VNNI kernels."""
+    bundle, _ = built
+    fast, plain = (Blip2Runtime(bundle, precision="int8", engines=e, threads=1) for e in (True, False))
+    assert fast.graph(GraphName.VISION).engine == "vision.int8.ort.onnx"
+    assert plain.graph(GraphName.VISION).engine is None
+    assert fast.graph(GraphName.QFORMER).engine == "qformer.int8.ort.onnx"
+    pv = fast.pixel_values(list_images(None, count=2))
+    emb = [rt.image_embeds(pv) for rt in (fast, plain)]
+    scale = float(np.abs(emb[1]).max())
+    assert float(np.abs(emb[0] - emb[1]).max()) < 1e-3 * scale
+    pre = [rt.graph(GraphName.QFORMER).run({"image_embeds": emb[1]})["visual_prefix"] for rt in (fast, plain)]
+    assert float(np.abs(pre[0] - pre[1]).max()) < 1e-3 * float(np.abs(pre[1]).max())
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
