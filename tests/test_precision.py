@@ -94,8 +94,8 @@ def test_weights_shrink_by_expected_factor(built, tiny_bundle):
     for name in ("vision", "qformer", "decoder"):
         w32 = _weight_bytes(tiny_bundle / f"{name}.onnx")
         assert _weight_bytes(bundle / f"{name}.fp16.onnx") <= 0.55 * w32, name
-        # the tiny decoder's fp32 position table and logits layer are half its weights; mid reaches 0.27
-        assert _weight_bytes(bundle / f"{name}.int8.onnx") <= (0.65 if name == "decoder" else 0.45) * w32, name
+        # the tiny decoder's fp32 position table is a third of its weights (0.54 here); mid reaches 0.27
+        assert _weight_bytes(bundle / f"{name}.int8.onnx") <= (0.58 if name == "decoder" else 0.45) * w32, name
     sizes = {s.graph: s for s in reports["fp16"].sizes}
     assert sizes["vision"].fp32_bytes > sizes["vision"].bytes > 0
     assert "vision.fp16.onnx" in reports["fp16"].render()
