@@ -459,6 +459,24 @@ def evaluate(bundle, data, split, precisions, limit, prompt, as_json):
 def main(argv=None) -> int:
     """Entry point: one-line errors, exit 2 for user errors, 130 on Ctrl-C."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    import warnings
+
+    from runtime.errors import Blip2Warning
+
+    def show(message, category, *_args, **_kw):
+        if issubclass(category, Blip2Warning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, *_args, **_kw)
+
+    with warnings.catch_warnings():  # restores the filters and showwarning on the way out
+        shown = warnings.showwarning
+        warnings.simplefilter("always", Blip2Warning)  # each is raised once where it applies
+        warnings.showwarning = show
+        return _main(argv, debug)
+
+
+def _main(argv, debug: bool) -> int:
     try:
         cli.main(args=argv, prog_name="blip2-export", standalone_mode=False)
     except click.exceptions.Exit as e:

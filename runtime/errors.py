@@ -34,6 +34,10 @@ class MissingDependencyError(Blip2Error):
     """An optional dependency is not installed; the message names the extra."""
 
 
+class Blip2Warning(UserWarning):
+    """Something works but not as the user probably expects (the CLI prints it as one ``warning:`` line)."""
+
+
 def require(module: str, extra: str):
     """Import ``module`` lazily, or raise naming the pip extra that provides it."""
     import importlib

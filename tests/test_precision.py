@@ -210,3 +210,22 @@ def test_crash_while_writing_graphs_leaves_bundle_untouched(bundle_copy, monkeyp
         build_bundle(bundle_copy, BuildConfig(precision="fp16", backend="ort"), progress=False)
     assert {p.name: p.read_bytes() for p in bundle_copy.iterdir()} == before
     assert "fp16" not in json.loads((bundle_copy / "manifest.json").read_text())["graphs"]
+
+
+def test_fp16_on_an_x86_cpu_says_it_runs_as_fp32_once(built, tmp_path, capsys):
+    import platform
+
+    from blip2_export.cli import main
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("ONNX Runtime has fp16 CPU kernels on ARM; the warning is for x86 only")
+    bundle, _ = built
+    image = tmp_path / "x.png"
+    list_images(None, count=1)[0].save(image)
+    for precision, expected in (("fp16", 1), ("int8", 0), ("fp32", 0)):
+        code = main(["run", str(bundle), "--precision", precision, "--image", str(image), "--max-new-tokens", "2"])
+        err = capsys.readouterr().err
+        warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+        assert code == 0 and len(warnings) == expected, (precision, err)
+        if expected:
+            assert "runs as fp32" in warnings[0] and "--precision fp32" in warnings[0]

@@ -17,11 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import Blip2Error, require
+from runtime.errors import Blip2Error, Blip2Warning, require
 from runtime.manifest import EngineRecord, GraphRecord
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 KV_CONCAT = "concat"  # past in, past + new out (the exported graph)
+
+
+def _x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 class OrtGraph:
@@ -123,6 +129,7 @@ class OrtBackend:
         self.threads = threads
         self.optimize = optimize
         self.engines = engines
+        self._fp16_warned = False
 
     def session_options(self):
         so = self.ort.SessionOptions()
@@ -146,6 +153,15 @@ class OrtBackend:
         return None
 
     def load(self, bundle: Path, record: GraphRecord) -> OrtGraph:
+        if record.precision == "fp16" and self.providers == ["CPUExecutionProvider"] and _x86() \
+                and not self._fp16_warned:
+            import warnings
+
+            self._fp16_warned = True
+            warnings.warn("fp16 on an x86 CPU runs as fp32: ONNX Runtime has no fp16 matmul kernels "
+                          "there and keeps fp32 copies of the weights (more memory than the fp32 graphs, fp32 "
+                          "speed); on this machine use --precision fp32 (exact) or int8 (fastest)",
+                          Blip2Warning, stacklevel=2)
         found = self.engine_for(record)
         file = found[0].file if found else record.file
         path = Path(bundle) / file
