@@ -47,6 +47,7 @@ STAGES = ("preprocess", "vision", "qformer", "prefill", "decode_per_token", "e2e
 TARGETS = {"ort-fp32": 0.5, "ort-int8": 0.3}  # end-to-end time vs eager (issue #6)
 ROOFLINE_TARGET = 1.5  # per-token decode within this factor of the roofline
 CONTEXT_TARGET = 1.2  # decode at the largest context within this factor of the smallest
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,11 @@ class BenchConfig:
     threads: int | None = None  # None: every core (torch and ORT get the same count)
     prompt: str = "a photo of"
     progress: bool = True
+    device: str = "cpu"  # "cuda": eager in fp16 on the GPU, ort-* on ONNX Runtime's CUDA provider
 
     def validate(self) -> BenchConfig:
+        if self.device not in DEVICES:
+            raise Blip2Error(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         for b in self.backends:
             parse_backend(b)
         if not self.backends:
@@ -143,20 +147,66 @@ def memory_bandwidth(threads: int, mbytes: int = 256, tries: int = 5) -> float:
     return best
 
 
-class PeakMemory:
-    """Samples this process's resident memory in a thread; ``peak`` is the highest seen (bytes)."""
+def gpu_memory_bandwidth(mbytes: int = 1024, tries: int = 5) -> float:
+    """GPU memory bandwidth in bytes/s: the best of ``tries`` device-to-device copies (read + write)
+    of a ``mbytes`` buffer, through torch (the eager baseline's dependency)."""
+    torch = _cuda_torch()
+    src = torch.empty(mbytes * (1 << 20), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(tries + 1):  # the first copy warms up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = max(best, 2 * src.numel() / (time.perf_counter() - t))
+    del src, dst
+    torch.cuda.empty_cache()
+    return best
 
-    def __init__(self, interval: float = 0.005):
+
+def _cuda_torch():
+    """torch with a usable CUDA device, or a one-line error saying what is missing."""
+    try:
+        import torch
+    except ImportError:
+        raise Blip2Error("--device cuda needs torch with CUDA (it times the eager baseline and measures GPU "
+                         "bandwidth)", hint="pip install torch with CUDA support") from None
+    if not torch.cuda.is_available():
+        raise Blip2Error("--device cuda: torch sees no CUDA device here",
+                         hint="run on a machine with an NVIDIA GPU and a CUDA build of torch, or use --device cpu")
+    return torch
+
+
+class PeakMemory:
+    """Samples this process's resident memory in a thread; ``peak`` is the highest seen (bytes).
+
+    With ``gpu``, also the device's used memory (``cudaMemGetInfo``: every allocator in the process
+    counts, torch's, ONNX Runtime's and TensorRT's alike): ``gpu_baseline`` / ``gpu_peak``."""
+
+    def __init__(self, interval: float = 0.005, gpu: bool = False):
         self.proc = require("psutil", "bench").Process()
         self.interval = interval
         self.baseline = self.proc.memory_info().rss
         self.peak = self.baseline
+        self._gpu = _cuda_torch() if gpu else None
+        self.gpu_baseline = self.gpu_peak = self._gpu_used()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _gpu_used(self) -> int:
+        if self._gpu is None:
+            return 0
+        free, total = self._gpu.cuda.mem_get_info()
+        return int(total - free)
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.gpu_peak = max(self.gpu_peak, self._gpu_used())
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._sample()
 
     def __enter__(self) -> PeakMemory:  # noqa: PYI034
         self._thread.start()
@@ -165,7 +215,7 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self._sample()
 
 
 def onnx_weight_bytes(path: str | Path) -> int:
@@ -215,10 +265,12 @@ class _Clock:
 class RuntimeRunner:
     """A bundle on a runtime backend (ORT or TensorRT), timed through its public API."""
 
-    def __init__(self, bundle: Path, kind: str, precision: str, threads: int):
+    def __init__(self, bundle: Path, kind: str, precision: str, threads: int, device: str = "cpu"):
         from runtime.pipeline import Blip2Runtime
 
-        opts = {"threads": threads} if kind == "ort" else {}
+        opts: dict[str, Any] = {"threads": threads} if kind == "ort" else {}
+        if kind == "ort" and device == "cuda":
+            opts["providers"] = ["CUDAExecutionProvider"]
         self.rt = Blip2Runtime(bundle, precision=precision, backend=kind, verify=False, **opts)
         self.facts = self.rt.manifest.model
         self.decoder = self.rt.graph(GraphName.DECODER)
@@ -277,17 +329,23 @@ class RuntimeRunner:
 
 
 class EagerRunner:
-    """transformers ``Blip2ForConditionalGeneration`` (torch fp32, CPU), stages timed by forward hooks."""
+    """transformers ``Blip2ForConditionalGeneration``, stages timed by forward hooks: torch fp32 on the
+    CPU, or fp16 on the GPU (``device="cuda"``; the Q-Former stays fp32 as transformers keeps it), with
+    the device synchronized at every time mark."""
 
-    def __init__(self, checkpoint: Path, threads: int):
+    def __init__(self, checkpoint: Path, threads: int, device: str = "cpu"):
         import torch
 
         from blip2_export.modelzoo import load_checkpoint
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model, self.tokenizer, self.processor = load_checkpoint(checkpoint)
-        self.model = self.model.float().eval()
+        self.device = device
+        self.cuda = device == "cuda"
+        self.model, self.tokenizer, self.processor = load_checkpoint(
+            checkpoint, dtype="float16" if self.cuda else "float32")
+        self.model = self.model.to(device).eval()
+        self.dtype = torch.float16 if self.cuda else torch.float32
         cfg = self.model.config
         if not cfg.use_decoder_only_language_model:
             raise Blip2Error("bench times decoder-only (OPT) models only")
@@ -299,8 +357,13 @@ class EagerRunner:
             self._hook(mod, name, when)
         self.prefix: Any = None
 
+    def _sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
     def _hook(self, module, name: str, when: str) -> None:
         def mark(*_a, **_k):
+            self._sync()
             self.marks[name] = time.perf_counter()
 
         if when == "pre":
@@ -313,13 +376,14 @@ class EagerRunner:
         emb = {id(p) for m in lm.modules() if isinstance(m, self.torch.nn.Embedding) for p in m.parameters()}
         weights = sum(p.numel() * p.element_size() for p in lm.parameters() if id(p) not in emb)
         return {"decoder_file": None, "kv_cache": "transformers DynamicCache", "weight_bytes": int(weights),
-                "kv_itemsize": 4}
+                "kv_itemsize": 2 if self.cuda else 4}
 
     def e2e(self, images: list, prompt: str, new_tokens: int, t: Timings | None) -> list[list[int]]:
         torch = self.torch
         from transformers.generation.streamers import BaseStreamer
 
         clock = _Clock()
+        sync = self._sync
 
         class Streamer(BaseStreamer):
             first = True
@@ -328,15 +392,18 @@ class EagerRunner:
                 if self.first:
                     self.first = False
                     return
+                sync()
                 clock()
 
             def end(self):
                 pass
 
         t0 = time.perf_counter()
-        pv = self.processor(images, return_tensors="pt")["pixel_values"]
+        pv = self.processor(images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+        self._sync()
         t1 = time.perf_counter()
-        ids = torch.tensor([[self.image_id] * self.nq + self.tokenizer(prompt).input_ids] * len(images))
+        ids = torch.tensor([[self.image_id] * self.nq + self.tokenizer(prompt).input_ids] * len(images),
+                           device=self.device)
         with torch.no_grad():
             out = self.model.generate(pixel_values=pv, input_ids=ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -354,24 +421,29 @@ class EagerRunner:
 
             with torch.no_grad():
                 self.prefix = QFormerGraph(self.model)(self.model.vision_model(pixel_values=pv[:1]).last_hidden_state)
+                self.prefix = self.prefix.to(self.dtype)
         return gen.tolist()
 
     def decode_at(self, context: int, batch: int, steps: int, token: int) -> list[float]:
         torch = self.torch
         lm = self.model.language_model
         embed = lm.get_input_embeddings()
+        dev = self.device
         with torch.no_grad():
             prefix = self.prefix.expand(batch, -1, -1)
-            ids = torch.full((batch, context - self.nq), token, dtype=torch.long)
+            ids = torch.full((batch, context - self.nq), token, dtype=torch.long, device=dev)
             x = torch.cat([prefix, embed(ids)], dim=1)
-            out = lm(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long), use_cache=True)
+            out = lm(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=dev),
+                     use_cache=True)
             past, n = out.past_key_values, x.shape[1]
-            step_in = embed(torch.full((batch, 1), token, dtype=torch.long))
+            step_in = embed(torch.full((batch, 1), token, dtype=torch.long, device=dev))
             times = []
             for i in range(steps + 2):
+                self._sync()
                 s = time.perf_counter()
-                out = lm(inputs_embeds=step_in, attention_mask=torch.ones((batch, n + 1), dtype=torch.long),
+                out = lm(inputs_embeds=step_in, attention_mask=torch.ones((batch, n + 1), dtype=torch.long, device=dev),
                          past_key_values=past, use_cache=True)
+                self._sync()
                 past, n = out.past_key_values, n + 1
                 if i >= 2:
                     times.append(time.perf_counter() - s)
@@ -379,7 +451,7 @@ class EagerRunner:
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -399,10 +471,17 @@ def machine_info() -> dict:
             info[mod] = __import__(mod).__version__
         except ImportError:
             pass
+    if device == "cuda":
+        torch = _cuda_torch()
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
     return info
 
 
-def _unavailable(kind: str, precision: str, bundle: Path, checkpoint: Path | None) -> str | None:
+def _unavailable(kind: str, precision: str, bundle: Path, checkpoint: Path | None,
+                 device: str = "cpu") -> str | None:
     """Why backend (kind, precision) cannot run here, or None."""
     if kind == "eager":
         if checkpoint is None or not (Path(checkpoint) / "config.json").is_file():
@@ -410,6 +489,11 @@ def _unavailable(kind: str, precision: str, bundle: Path, checkpoint: Path | Non
         if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
             return "not available here: torch/transformers not installed"
         return None
+    if kind == "ort" and device == "cuda":
+        ort = require("onnxruntime", "cpu")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return ("not available here: this onnxruntime has no CUDAExecutionProvider "
+                    "(pip install 'blip2-export[gpu]')")
     if kind == "trt":
         try:
             trt = importlib.import_module("tensorrt")
@@ -419,6 +503,8 @@ def _unavailable(kind: str, precision: str, bundle: Path, checkpoint: Path | Non
             return "not available here: tensorrt not installed"
         if importlib.util.find_spec("runtime.backends.trt") is None:
             return "not available here: this build has no TensorRT runtime backend"
+        if device == "cpu":
+            return "TensorRT runs on the GPU: bench it with --device cuda (beside the fp16 GPU eager baseline)"
     from runtime.manifest import load_manifest
 
     m = load_manifest(bundle, verify=False)
@@ -435,6 +521,8 @@ def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchCo
     from runtime.manifest import load_manifest
 
     config.validate()
+    if config.device == "cuda":
+        _cuda_torch()  # fails in one line, before any long work, where there is no usable GPU
     bundle = Path(bundle)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     manifest = load_manifest(bundle)
@@ -453,7 +541,7 @@ def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchCo
     token = facts.bos_token_id if facts.bos_token_id is not None else 5
 
     report: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine_info(config.device),
         "load_average_start": list(os.getloadavg()),
         "settings": {**asdict(config), "threads": threads, "bundle": str(bundle),
                      "checkpoint": str(checkpoint) if checkpoint else None},
@@ -473,7 +561,7 @@ def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchCo
     # 1. load each backend and run its warm-up alone, so its memory can be attributed to it
     for spec in config.backends:
         kind, prec = parse_backend(spec)
-        reason = _unavailable(kind, prec, bundle, checkpoint)
+        reason = _unavailable(kind, prec, bundle, checkpoint, config.device)
         if reason is not None:
             results[spec] = {"status": "skipped", "reason": reason}
             if echo:
@@ -486,7 +574,10 @@ def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchCo
         runners[spec], results[spec] = _load_backend(kind, prec, checkpoint, bundle, config, images, token, bar)
     # 2. measured rounds: every backend, batch and context once per round, backends interleaved, so slow
     # drifts and bursts of load from other processes spread over all of them instead of skewing one ratio
-    bandwidth = [memory_bandwidth(threads)]  # sampled again after each round; the roofline uses the best
+    def measure_bandwidth() -> float:
+        return gpu_memory_bandwidth() if config.device == "cuda" else memory_bandwidth(threads)
+
+    bandwidth = [measure_bandwidth()]  # sampled again after each round; the roofline uses the best
     timings = {spec: {b: Timings() for b in config.batches} for spec in runners}
     sweep = {spec: {(b, c): [] for b in config.batches for c in config.contexts} for spec in runners}
     for _ in range(config.repeats):
@@ -501,7 +592,7 @@ def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchCo
                 times += runner.decode_at(ctx, batch, config.decode_steps, token)
                 if bar is not None:
                     bar.update(1)
-        bandwidth.append(memory_bandwidth(threads))
+        bandwidth.append(measure_bandwidth())
     if bar is not None:
         bar.close()
     for spec in runners:
@@ -521,9 +612,9 @@ def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchCo
 def _load_backend(kind, prec, checkpoint, bundle, config: BenchConfig, images, token, bar) -> tuple[Any, dict]:
     """Load a backend and run its warm-up (every batch and context), measuring the memory it adds."""
     gc.collect()
-    with PeakMemory() as mem:
-        runner: Any = (EagerRunner(checkpoint, config.thread_count) if kind == "eager"
-                       else RuntimeRunner(bundle, kind, prec, config.thread_count))
+    with PeakMemory(gpu=config.device == "cuda") as mem:
+        runner: Any = (EagerRunner(checkpoint, config.thread_count, config.device) if kind == "eager"
+                       else RuntimeRunner(bundle, kind, prec, config.thread_count, config.device))
         for _ in range(config.warmup):
             for batch in config.batches:
                 runner.e2e(images[:batch], config.prompt, config.new_tokens, None)
@@ -536,8 +627,12 @@ def _load_backend(kind, prec, checkpoint, bundle, config: BenchConfig, images, t
         if config.warmup == 0:  # still one run, for the visual prefix the decode sweep uses
             runner.e2e(images[:1], config.prompt, 2, None)
     info = runner.describe()
-    out: dict[str, Any] = {"status": "ok", "precision": prec, "device": "cpu", **info,
+    out: dict[str, Any] = {"status": "ok", "precision": "fp16" if kind == "eager" and config.device == "cuda"
+                           else prec, "device": config.device, **info,
                            "peak_rss_mb": mem.peak / 2**20, "peak_growth_mb": (mem.peak - mem.baseline) / 2**20}
+    if config.device == "cuda":
+        out["gpu_peak_mb"] = mem.gpu_peak / 2**20
+        out["gpu_peak_growth_mb"] = (mem.gpu_peak - mem.gpu_baseline) / 2**20
     return runner, out
 
 
@@ -617,25 +712,32 @@ def evaluate_targets(report: dict) -> list[dict]:
 def render_markdown(report: dict) -> str:
     m, s, md = report["machine"], report["settings"], report["model"]
     la0, la1 = report["load_average_start"], report["load_average_end"]
+    cuda = s.get("device") == "cuda"
+    gpu = (f" GPU: {m.get('gpu')} ({m.get('gpu_memory_gb')} GB), CUDA {m.get('cuda')}; eager runs fp16 on it "
+           "(Q-Former fp32), ort-* on ONNX Runtime's CUDA provider." if cuda else "")
+    bw = ("GPU memory bandwidth measured now (device-to-device copy, read + write; "
+          if cuda else "Memory bandwidth measured now (best of a copy, read + write, and a read; ")
     lines = [
         "## blip2-export bench",
         "",
         (f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gb', '?')} GB RAM, {m.get('platform')}; "
          f"onnxruntime {m.get('onnxruntime', '-')}, torch {m.get('torch', '-')}, transformers "
-         f"{m.get('transformers', '-')}. Threads: {s['threads']} (torch and ORT). Load average "
-         f"{la0[0]:.1f} at start, {la1[0]:.1f} at end. Memory bandwidth measured now (best of a copy, read + write, and a read; "
+         f"{m.get('transformers', '-')}.{gpu} Threads: {s['threads']} (torch and ORT). Load average "
+         f"{la0[0]:.1f} at start, {la1[0]:.1f} at end. {bw}"
          f"best of {len(report['bandwidth_samples_gb_s'])} samples taken between rounds): "
          f"{report['bandwidth_gb_s']:.1f} GB/s."),
         "",
         (f"Model: {md['llm']} LLM, {md['llm_layers']} layers x {md['llm_hidden']}, vocab {md['vocab']}; "
          f"vision {md['image_size']} px x {md['vision_hidden']}. Prompt {s['prompt']!r}, {s['new_tokens']} new "
          f"tokens (min = max), {s['warmup']} warm-up + {s['repeats']} measured rounds, backends interleaved "
-         f"round by round. Peak RSS: while the backend loaded and warmed up (growth: over the RSS before)."),
+         f"round by round. Peak RSS{' and GPU memory' if cuda else ''}: while the backend loaded and warmed up "
+         f"(growth: over the figure before)."),
         "",
         "### End to end (milliseconds, p50 unless noted)",
         "",
         ("| backend | batch | preprocess | vision | qformer | prefill | decode/token p50 (p90, p99) "
-         "| e2e p50 (p90, p99) | tokens/s | peak RSS MB (+growth) | e2e vs eager |"),
+         f"| e2e p50 (p90, p99) | tokens/s | peak RSS MB (+growth){'; GPU MB (+growth)' if cuda else ''} "
+         "| e2e vs eager |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     skipped = []
@@ -651,8 +753,9 @@ def render_markdown(report: dict) -> str:
                 f"| {spec} | {batch} | {st['preprocess']['p50']:.1f} | {st['vision']['p50']:.1f} | "
                 f"{st['qformer']['p50']:.1f} | {st['prefill']['p50']:.1f} | {d['p50']:.1f} ({d['p90']:.1f}, "
                 f"{d['p99']:.1f}) | {t['p50']:.0f} ({t['p90']:.0f}, {t['p99']:.0f}) | {e['tokens_per_s']:.1f} | "
-                f"{r['peak_rss_mb']:.0f} (+{r['peak_growth_mb']:.0f}) | "
-                f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+                f"{r['peak_rss_mb']:.0f} (+{r['peak_growth_mb']:.0f})"
+                + (f"; {r['gpu_peak_mb']:.0f} (+{r['gpu_peak_growth_mb']:.0f})" if "gpu_peak_mb" in r else "")
+                + f" | {'-' if ratio is None else f'{ratio:.2f}x'} |")
     lines += ["", "### Per-token decode vs context and batch (roofline = bytes read per step / bandwidth)", "",
               ("| backend | batch | context | decode ms p50 (p90, best) | MB read/step | roofline ms "
               "| achieved fraction p50 (best) |"),

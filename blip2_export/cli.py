@@ -395,8 +395,11 @@ def _int_list(ctx, param, value):
                    "OPT-125M-sized LLM; same seed, same weights, so anyone can reproduce the numbers.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True,
               help="Folder for report.json, report.md (tables) and report.png (plot).")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="cpu: eager in torch fp32, ort-* on the CPU. cuda: eager in fp16 on the GPU (the GPU baseline), "
+                   "ort-* on ONNX Runtime's CUDA provider, trt-* TensorRT; roofline from GPU bandwidth.")
 def bench(model_dir, bundle, backends, batches, new_tokens, contexts, repeats, warmup, decode_steps, threads,
-          prompt, model_preset, out):
+          prompt, model_preset, out, device):
     """Time the eager MODEL_DIR checkpoint and BUNDLE's backends side by side, on the same inputs.
 
     \b
@@ -404,12 +407,14 @@ def bench(model_dir, bundle, backends, batches, new_tokens, contexts, repeats, w
     tokens/s, peak memory; decode vs context and batch; a memory-bandwidth roofline per decode step.
     Reproduce the documented numbers (docs/benchmarks.md) with:
       blip2-export bench bench-model bench-bundle --model-preset bench --batch 1,4
+    On a GPU:
+      blip2-export bench bench-model bench-bundle --device cuda --backends eager,ort-fp16,trt-fp16
     """
     from blip2_export.bench import BenchConfig, build_bench_model, run_bench, write_report
 
     cfg = BenchConfig(backends=tuple(b.strip() for b in backends.split(",") if b.strip()), batches=batches,
                       new_tokens=new_tokens, contexts=contexts, warmup=warmup, repeats=repeats,
-                      decode_steps=decode_steps, threads=threads, prompt=prompt).validate()
+                      decode_steps=decode_steps, threads=threads, prompt=prompt, device=device).validate()
     if model_preset is not None:
         need = max(max(contexts) + decode_steps + 2, 64 + new_tokens)
         build_bench_model(model_dir, bundle, model_preset, max_context=-(-need // 64) * 64 + 64,

@@ -208,10 +208,12 @@ def make_random_checkpoint(path: str | Path, preset: str | ModelSpec = "tiny", s
     return save_checkpoint(model, tok, proc, path)
 
 
-def load_checkpoint(path: str | Path):
+def load_checkpoint(path: str | Path, dtype: str = "float32"):
     """Load ``(model, tokenizer, image_processor)`` from a local transformers BLIP-2 folder.
 
-    Raises ``Blip2Error`` with a clear message when the folder is not a BLIP-2 checkpoint.
+    ``dtype``: torch dtype name of the weights ("float16" for the GPU baseline; transformers keeps the
+    Q-Former in fp32 either way). Raises ``Blip2Error`` with a clear message when the folder is not a
+    BLIP-2 checkpoint.
     """
     import torch
     from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, BlipImageProcessor
@@ -243,7 +245,7 @@ def load_checkpoint(path: str | Path):
             tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
             image_id = tokenizer.convert_tokens_to_ids("<image>")
         config.image_token_index = image_id
-    model = Blip2ForConditionalGeneration.from_pretrained(path, config=config, dtype=torch.float32)
+    model = Blip2ForConditionalGeneration.from_pretrained(path, config=config, dtype=getattr(torch, dtype))
     model.eval()
     if (path / "preprocessor_config.json").is_file():
         image_processor = BlipImageProcessor.from_pretrained(path)

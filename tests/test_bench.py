@@ -95,3 +95,40 @@ def test_roofline_inputs(tiny_bundle):
     assert p["p50"] == pytest.approx(2.5) and p["n"] == 4 and p["p99"] <= 4.0
     assert np.isnan(percentiles([])["p50"])
     assert memory_bandwidth(1, mbytes=8, tries=1) > 1e8
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_device_is_checked_before_any_long_work(tiny_checkpoint, tiny_bundle, tmp_path, capsys):
+    with pytest.raises(Blip2Error, match="--device 'tpu'"):
+        BenchConfig(device="tpu").validate()
+    if _cuda():
+        pytest.skip("this machine has a CUDA device: the no-GPU message does not apply")
+    with pytest.raises(Blip2Error, match="torch sees no CUDA device"):
+        run_bench(tiny_checkpoint, tiny_bundle, BenchConfig(backends=("eager",), device="cuda", progress=False))
+    out = tmp_path / "r"
+    code = main(["bench", str(tiny_checkpoint), str(tiny_bundle), "--device", "cuda", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "--device cpu" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+def test_bench_on_the_gpu(tiny_checkpoint, tiny_bundle, tmp_path):
+    """The GPU baseline: eager in fp16 on CUDA, the bundle on ONNX Runtime's CUDA provider, GPU memory."""
+    import onnxruntime as ort
+
+    backends = ("eager", "ort-fp32") if "CUDAExecutionProvider" in ort.get_available_providers() else ("eager",)
+    r = run_bench(tiny_checkpoint, tiny_bundle, BenchConfig(backends=backends, contexts=(16, 40), new_tokens=4,
+                                                            repeats=1, warmup=1, decode_steps=2, device="cuda",
+                                                            progress=False))
+    assert r["machine"]["gpu"] and r["settings"]["device"] == "cuda"
+    for spec in backends:
+        b = r["backends"][spec]
+        assert b["status"] == "ok" and b["device"] == "cuda" and b["gpu_peak_mb"] > 0, b
+    assert r["backends"]["eager"]["precision"] == "fp16" and r["backends"]["eager"]["kv_itemsize"] == 2
+    assert r["bandwidth_gb_s"] > 50  # any CUDA GPU streams device memory faster than this
