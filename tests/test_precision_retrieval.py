@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from engines.build import BuildConfig, build_bundle
+from runtime.errors import Blip2Error
 from runtime.manifest import load_manifest
 from runtime.retrieval import RetrievalRuntime
 
@@ -23,6 +24,7 @@ def retrieval(tmp_path_factory):
     calib.mkdir()
     for i in range(3):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(calib / f"{i}.png")
+    (root / "captions.txt").write_text("a red circle\ntwo blue squares on the left\nthree small green triangles\n")
     return ck, bundle, calib
 
 
@@ -36,9 +38,25 @@ def test_fp16_retrieval_build_passes_parity(retrieval):
     assert all(s.cosine >= 0.999 for s in rep.stages)
 
 
+def test_int8_retrieval_build_needs_captions(retrieval, tmp_path):
+    """The captioning prompts are no calibration for a text encoder that embeds captions: refused up front."""
+    _, bundle, calib = retrieval
+    before = sorted(p.name for p in bundle.iterdir())
+    with pytest.raises(Blip2Error, match="needs captions") as e:
+        build_bundle(bundle, BuildConfig(precision="int8", backend="ort", calib_images=calib), progress=False)
+    assert "--calib-prompts" in str(e.value)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n")
+    with pytest.raises(Blip2Error, match="has no captions"):
+        build_bundle(bundle, BuildConfig(precision="int8", backend="ort", calib_images=calib, calib_prompts=blank),
+                     progress=False)
+    assert sorted(p.name for p in bundle.iterdir()) == before
+
+
 def test_int8_retrieval_build_calibrates_every_graph(retrieval):
     ck, bundle, calib = retrieval
-    build_bundle(bundle, BuildConfig(precision="int8", backend="ort", calib_images=calib), progress=False)
+    build_bundle(bundle, BuildConfig(precision="int8", backend="ort", calib_images=calib,
+                                     calib_prompts=calib.parent / "captions.txt"), progress=False)
     m = load_manifest(bundle)
     assert set(m.graphs["int8"]) == set(m.graphs["fp32"])
     rt8, rt32 = RetrievalRuntime(bundle, precision="int8"), RetrievalRuntime(bundle)
