@@ -100,7 +100,8 @@ def _summary(bundle: Path) -> None:
 @click.option("--calib-images", type=click.Path(path_type=Path), default=None,
               help="int8: folder of calibration images (a few dozen like the ones the model will see).")
 @click.option("--calib-prompts", type=click.Path(path_type=Path), default=None,
-              help="int8: text file, one prompt per line (empty line = caption). Default: 4 built-in prompts.")
+              help="int8: text file, one prompt per line (empty line = caption). Default: 4 built-in prompts. "
+                   "Retrieval bundles: required, captions like the ones you will rank.")
 @click.option("--calib-method", default="percentile", show_default=True,
               type=click.Choice(["minmax", "percentile", "entropy"]),
               help="int8: how activation ranges are taken from calibration data.")
