@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.contract import past_name
+from runtime.contract import GraphName, past_name
 from runtime.errors import Blip2Error, require
 
 KV_SHARED = "shared_buffer"  # manifest notes value: past/present share one preallocated buffer
@@ -718,14 +718,43 @@ def build_qdq_engine(src: str | Path, dst: str | Path) -> tuple[list[str], dict]
                  "activation_pairs": pairs}
 
 
-def wants_engine(record) -> str | None:
-    """Which ORT engine build a graph record gets: "decoder", "qdq" or None."""
-    from runtime.contract import GraphName
+def build_weights_engine(src: str | Path, dst: str | Path, *, int8: str = "nbits") -> tuple[list[str], dict]:
+    """ORT build of a weight-only int8 graph that keeps its IO (the T5 encoder, cross-attention K/V and
+    decoder): its int8 layers as ``MatMulNBits`` (``int8="nbits"``) or dequantized once (``"fold"``), so
+    no step rebuilds fp32 weights. Raises :class:`PatternError` when there is nothing to rewrite."""
+    from engines.onnx_utils import load_model, save_model_atomic
 
+    if int8 not in INT8_MODES:
+        raise Blip2Error(f"unknown int8 engine mode {int8!r}; choose one of: {', '.join(INT8_MODES)}")
+    model = load_model(src)
+    lowered = lower_int8_weights(model) if int8 == "nbits" else 0
+    folded = fold_int8_weights(model)
+    if not lowered and not folded:
+        raise PatternError(f"{Path(src).name} has no int8 weights to lower or fold")
+    ext = save_model_atomic(model, Path(dst))
+    notes: dict[str, Any] = {}
+    if lowered:
+        notes["int8_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 8,
+                                "accuracy_level": NBITS_ACCURACY_LEVEL, "block_size": NBITS_BLOCK,
+                                "layers": lowered,
+                                "activations": f"int8 per block of {NBITS_BLOCK} inputs, quantized at run time"}
+    if folded:
+        notes["int8_weights_folded"] = folded
+    return ext, notes
+
+
+WEIGHT_ONLY_GRAPHS = (GraphName.ENCODER.value, GraphName.CROSS_KV.value, GraphName.SEQ2SEQ_DECODER.value)
+
+
+def wants_engine(record) -> str | None:
+    """Which ORT engine build a graph record gets: "decoder", "qdq", "weights" or None."""
     if record.name == GraphName.DECODER.value:
         return "decoder"
     if record.notes.get("transform") == "int8" and record.notes.get("recipe") == "static":
         return "qdq"
+    if (record.notes.get("transform") == "int8" and record.notes.get("recipe") == "weight"
+            and record.name in WEIGHT_ONLY_GRAPHS):
+        return "weights"
     return None
 
 
@@ -739,7 +768,8 @@ def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None,
     """Build the ORT engine of graph ``record`` inside ``bundle_dir``; return the record with it attached.
 
     Decoders get fused attention and the in-place KV cache (:func:`build_decoder_engine`); calibrated
-    int8 graphs get uint8 activations (:func:`build_qdq_engine`); other graphs are returned unchanged.
+    int8 graphs get uint8 activations (:func:`build_qdq_engine`); the T5 graphs' weight-only int8
+    layers become MatMulNBits (:func:`build_weights_engine`); other graphs are returned unchanged.
     The engine is listed in ``record.engines`` (file + sha256, checked like every bundle file) and
     described in ``record.notes["ort_engine"]``, which tells the runtime how to feed it. When the graph
     does not match the rewrite, ``record`` is returned unchanged (the portable graph still runs) and
@@ -760,6 +790,8 @@ def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None,
         if kind == "decoder":
             ext, notes = build_decoder_engine(bundle_dir / record.file, bundle_dir / dst, layers=m.llm_layers,
                                               heads=m.llm_heads, head_dim=m.head_dim, int8=int8)
+        elif kind == "weights":
+            ext, notes = build_weights_engine(bundle_dir / record.file, bundle_dir / dst, int8=int8)
         else:
             ext, notes = build_qdq_engine(bundle_dir / record.file, bundle_dir / dst)
     except PatternError as e:

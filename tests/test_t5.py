@@ -216,6 +216,39 @@ def test_t5_runtime_without_torch(t5, tmp_path, no_torch_env):
 
 
 # -- mid-size ----------------------------------------------------------------------------------------------
+def test_int8_t5_graphs_get_weight_engines(t5, tmp_path):
+    """int8 T5: the encoder, cross-attention K/V and decoder graphs get MatMulNBits ORT builds (same IO),
+    which the runtime loads; they compute what the portable int8 graphs compute, up to activation
+    quantization."""
+    import shutil
+
+    from engines.build import BuildConfig, build_bundle
+    from runtime.manifest import load_manifest
+    from runtime.pipeline import Blip2Runtime
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(t5[1], bundle)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, img in enumerate(list_images(None, count=3)):
+        img.save(calib / f"{i}.png")
+    build_bundle(bundle, BuildConfig(precision="int8", backend="ort", calib_images=calib), progress=False)
+    m = load_manifest(bundle)
+    llm = (GraphName.ENCODER, GraphName.CROSS_KV, GraphName.SEQ2SEQ_DECODER)
+    for name in llm:
+        rec = m.graph(name, "int8")
+        assert rec.notes["ort_engine"]["int8_matmul"]["layers"] == rec.notes["linear_layers_quantized"], name
+    fast, plain = (Blip2Runtime(bundle, precision="int8", engines=e, threads=1) for e in (True, False))
+    assert all(fast.graph(n).engine and fast.graph(n).engine.endswith(".ort.onnx") for n in llm)
+    assert not any(plain.graph(n).engine for n in llm)
+    feeds = {"inputs_embeds": np.random.default_rng(0).normal(size=(2, 12, m.model.llm_hidden)).astype(np.float32),
+             "attention_mask": np.ones((2, 12), np.int64)}
+    a, b = (rt.graph(GraphName.ENCODER).run(feeds)["encoder_hidden_states"] for rt in (fast, plain))
+    assert float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999
+    outs = [rt.generate(IMAGES[:2], "a photo of", max_new_tokens=8) for rt in (fast, plain)]
+    assert all(len(o) == 2 and all(r.token_ids for r in o) for o in outs)
+
+
 @pytest.fixture(scope="module")
 def mid_t5(tmp_path_factory):
     return build_t5(tmp_path_factory, "mid", seed=1)
