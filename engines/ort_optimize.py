@@ -560,10 +560,11 @@ def drop_row_reshapes(model) -> int:
     removed = 0
     outputs = {o.name for o in graph.output}
     reshaped: set[str] = set()  # tensors that were [rows, hidden] and are now [batch, seq, hidden]
-    for r1 in [n for n in graph.node if n.op_type == "Reshape"]:
-        g = _Graph(model)
-        if r1.name not in {n.name for n in graph.node}:
-            continue
+    g = _Graph(model)
+    for name in [n.name for n in graph.node if n.op_type == "Reshape"]:
+        r1 = next((n for n in g.producer.values() if n.name == name), None)
+        if r1 is None:
+            continue  # removed with an earlier pair
         x = r1.input[0]
         if _shape_expr(g, r1.input[1]) != [-1, ("dim", x, -1)]:
             continue
@@ -614,6 +615,7 @@ def drop_row_reshapes(model) -> int:
         graph.node.extend(kept)
         reshaped |= region
         removed += 1
+        g = _Graph(model)  # the graph changed: index it again
     if removed:
         info = [v for v in graph.value_info if v.name not in reshaped]  # their recorded 2-D shapes no longer hold
         del graph.value_info[:]
@@ -680,19 +682,31 @@ def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads
     """
     from engines.onnx_utils import load_model, save_model_atomic
 
+    _check_int8_mode(int8)
     model = load_model(src)
     result = fuse_decoder_attention(model, layers=layers, heads=heads, head_dim=head_dim)
-    if int8 not in INT8_MODES:
-        raise Blip2Error(f"unknown int8 engine mode {int8!r}; choose one of: {', '.join(INT8_MODES)}")
     last = last_position_logits(model)
-    lowered = lower_int8_weights(model) if int8 == "nbits" else 0
-    folded = fold_int8_weights(model)
+    int8_notes = _engine_int8_weights(model, int8)
     reshapes = drop_row_reshapes(model)
     packed = pack_qkv(model)
     ext = save_model_atomic(model, Path(dst))
     notes = dict(result.notes, nodes_before=result.nodes_before, nodes_after=len(model.graph.node),
                  logits="last" if last else "all", row_reshapes_dropped=reshapes,
-                 qkv_packed=packed)
+                 qkv_packed=packed, **int8_notes)
+    return ext, notes
+
+
+def _check_int8_mode(int8: str) -> None:
+    if int8 not in INT8_MODES:
+        raise Blip2Error(f"unknown int8 engine mode {int8!r}; choose one of: {', '.join(INT8_MODES)}")
+
+
+def _engine_int8_weights(model, int8: str) -> dict:
+    """Lower (``"nbits"``) and/or fold the weight-only int8 layers of ``model``; return the manifest notes
+    saying what was done (empty when the graph has no int8 weights)."""
+    lowered = lower_int8_weights(model) if int8 == "nbits" else 0
+    folded = fold_int8_weights(model)
+    notes: dict[str, Any] = {}
     if lowered:
         notes["int8_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 8,
                                 "accuracy_level": NBITS_ACCURACY_LEVEL, "block_size": NBITS_BLOCK,
@@ -700,7 +714,7 @@ def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads
                                 "activations": f"int8 per block of {NBITS_BLOCK} inputs, quantized at run time"}
     if folded:
         notes["int8_weights_folded"] = folded  # DequantizeLinear computed once: fp32 weights, same values
-    return ext, notes
+    return notes
 
 
 def build_qdq_engine(src: str | Path, dst: str | Path) -> tuple[list[str], dict]:
@@ -724,22 +738,12 @@ def build_weights_engine(src: str | Path, dst: str | Path, *, int8: str = "nbits
     no step rebuilds fp32 weights. Raises :class:`PatternError` when there is nothing to rewrite."""
     from engines.onnx_utils import load_model, save_model_atomic
 
-    if int8 not in INT8_MODES:
-        raise Blip2Error(f"unknown int8 engine mode {int8!r}; choose one of: {', '.join(INT8_MODES)}")
+    _check_int8_mode(int8)
     model = load_model(src)
-    lowered = lower_int8_weights(model) if int8 == "nbits" else 0
-    folded = fold_int8_weights(model)
-    if not lowered and not folded:
+    notes = _engine_int8_weights(model, int8)
+    if not notes:
         raise PatternError(f"{Path(src).name} has no int8 weights to lower or fold")
     ext = save_model_atomic(model, Path(dst))
-    notes: dict[str, Any] = {}
-    if lowered:
-        notes["int8_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 8,
-                                "accuracy_level": NBITS_ACCURACY_LEVEL, "block_size": NBITS_BLOCK,
-                                "layers": lowered,
-                                "activations": f"int8 per block of {NBITS_BLOCK} inputs, quantized at run time"}
-    if folded:
-        notes["int8_weights_folded"] = folded
     return ext, notes
 
 
