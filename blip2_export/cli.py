@@ -244,7 +244,8 @@ def retrieve(bundle, images_dir, texts_file, features_in, features_out, rerank_t
       blip2-export retrieve ./itm-bundle --images photos/ --texts captions.txt --save-text-features caps.npz
       blip2-export retrieve ./itm-bundle --images more/ --text-features caps.npz --direction both
     """
-    from runtime.retrieval import RetrievalRuntime, format_result, image_files, read_texts
+    from runtime.preprocess import image_files
+    from runtime.retrieval import RetrievalRuntime, format_result, read_texts
 
     if (texts_file is None) == (features_in is None):
         raise Blip2Error("give the captions with --texts FILE or --text-features FILE.npz (one of them)")

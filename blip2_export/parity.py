@@ -146,14 +146,9 @@ def list_images(folder: str | Path | None, count: int = 8) -> list:
             img.filename = f"synthetic-{i}"  # type: ignore[attr-defined]
             out.append(img)
         return out
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise Blip2Error(f"images folder not found: {folder}")
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in exts)
-    if not files:
-        raise Blip2Error(f"no images (jpg, png, ...) in {folder}")
-    return files
+    from runtime.preprocess import image_files
+
+    return image_files(folder)
 
 
 def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, prompts=DEFAULT_PROMPTS,

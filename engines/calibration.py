@@ -15,8 +15,8 @@ import numpy as np
 
 from runtime.contract import GraphName
 from runtime.errors import InputError
+from runtime.preprocess import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 DEFAULT_CALIB_PROMPTS = ("", "a photo of", "Question: what is in the picture? Answer:",
                          "Question: how many people are there? Answer:")
 

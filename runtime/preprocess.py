@@ -16,6 +16,19 @@ import numpy as np
 from runtime.errors import InputError
 from runtime.manifest import Preprocess
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files in ``folder`` (by suffix), sorted by name; a clear error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"images folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"no images (jpg, png, ...) in {folder}")
+    return files
+
 ImageLike = Union[str, os.PathLike, bytes, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
 # Refuse absurd images before decoding them (decompression bombs): 16k x 16k pixels.

@@ -274,18 +274,6 @@ class RetrievalRuntime:
         return result
 
 
-def image_files(folder: str | Path) -> list[Path]:
-    """Image files in ``folder``, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"images folder not found: {folder}")
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in exts)
-    if not files:
-        raise InputError(f"no images (jpg, png, ...) in {folder}")
-    return files
-
-
 def read_texts(path: str | Path) -> list[str]:
     """One caption per line; blank lines are skipped."""
     path = Path(path)
