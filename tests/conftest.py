@@ -26,6 +26,17 @@ def pytest_configure(config):
         pass
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's eager runs (an earlier test may have changed the count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from blip2_export.modelzoo import make_random_checkpoint

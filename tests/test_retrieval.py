@@ -22,14 +22,7 @@ from runtime.retrieval import RetrievalRuntime, TextSet, itc_similarity, rank
 IMAGES = list_images(None, count=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
