@@ -283,7 +283,7 @@ class RuntimeRunner:
         file = getattr(self.decoder, "engine", None) or rec.file
         return {"decoder_file": file, "kv_cache": getattr(self.decoder, "kv_cache", "concat"),
                 "weight_bytes": onnx_weight_bytes(self.rt.bundle / file),
-                "kv_itemsize": np.dtype(rec.io.inputs[0].dtype).itemsize}
+                "kv_itemsize": np.dtype(getattr(self.decoder, "kv_dtype", rec.io.inputs[0].dtype)).itemsize}
 
     def e2e(self, images: list, prompt: str, new_tokens: int, t: Timings | None) -> list[list[int]]:
         from runtime.generation import GenerationConfig

@@ -21,8 +21,9 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from runtime.contract import Family
+from runtime.contract import Family, GraphName
 from runtime.errors import Blip2Error, BundleError
 from runtime.integrity import atomic_write_text
 from runtime.manifest import (
@@ -39,6 +40,7 @@ BACKENDS = ("auto", "ort", "trt")
 IO_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
 # What each backend runs. fp32 needs no transform: ``build --precision fp32`` only makes sense for engines.
 BACKEND_PRECISIONS = {"ort": ("fp16", "int8"), "trt": ("fp32", "fp16", "int8")}
+KV_CACHE_DTYPES = ("int8", "fp32")  # --ort-kv-cache (int8 builds): how the ORT decoder engine stores its cache
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class BuildConfig:
     calib_limit: int = 64  # images used at most
     llm_int8: str = "weight"  # LLM graphs: weight-only int8 ("weight") or calibrated Q/DQ ("static")
     ort_int8: str = "nbits"  # ORT decoder engine of int8 weights: MatMulNBits ("nbits") or fp32 copies ("fold")
+    ort_kv_cache: str = "int8"  # ORT int8 decoder engine's KV cache: "int8" (calibrated scales) or "fp32"
     force: bool = False  # redo the ONNX transform even when the bundle already has this precision
 
     def resolved_backend(self) -> str:
@@ -98,6 +101,8 @@ class BuildConfig:
 
         if self.ort_int8 not in INT8_MODES:
             raise Blip2Error(f"--ort-int8 {self.ort_int8!r} is not one of {', '.join(INT8_MODES)}")
+        if self.ort_kv_cache not in KV_CACHE_DTYPES:
+            raise Blip2Error(f"--ort-kv-cache {self.ort_kv_cache!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         if self.llm_int8 not in {r.value for r in Recipe}:
             raise Blip2Error(f"--llm-int8 {self.llm_int8!r} is not one of {', '.join(r.value for r in Recipe)}")
         if self.timing_cache is not None and self.timing_cache.is_dir():
@@ -210,15 +215,21 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
     try:
         graphs = dict(manifest.graphs.get(prec, {}))
         if transformed:
-            graphs = _transform(bundle, stage, manifest, config, progress, say, _files_of_all(manifest))
+            graphs, calib = _transform(bundle, stage, manifest, config, progress, say, _files_of_all(manifest))
             if backend == "ort":
                 # ORT builds of the new graphs, made once here: the decoder's fused attention and in-place
-                # KV cache (as export makes for fp32), uint8 activations for calibrated int8 graphs.
-                from engines.ort_optimize import attach_ort_engine
+                # KV cache (as export makes for fp32; int8 with scales from calibration for int8 builds),
+                # uint8 activations for calibrated int8 graphs.
+                from engines.ort_optimize import attach_ort_engine, kv_cache_scales
 
+                kv_scales = None
+                decoder = GraphName.DECODER.value
+                if calib is not None and config.ort_kv_cache == "int8" and decoder in graphs:
+                    kv_scales = kv_cache_scales(calib.kv_peak, manifest.model.llm_layers)
                 for name in list(graphs):
                     graphs[name] = attach_ort_engine(stage, graphs[name], manifest.model, warn=say,
-                                                     int8=config.ort_int8)
+                                                     int8=config.ort_int8,
+                                                     kv_scales=kv_scales if name == decoder else None)
         new_files = [f.name for f in stage.iterdir()]
         engine_names: list[str] = []
         if backend == "trt":
@@ -263,7 +274,9 @@ def _files_of(graphs: dict[str, GraphRecord]) -> set[str]:
 
 
 def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfig, progress: bool,
-               say: Callable[[str], None], taken: set[str]) -> dict[str, GraphRecord]:
+               say: Callable[[str], None], taken: set[str]) -> tuple[dict[str, GraphRecord], Any]:
+    """Write the ``config.precision`` graphs into ``stage``; return their records and the calibration
+    set (int8; None otherwise)."""
     from engines.onnx_utils import fresh_name, save_model_atomic
 
     prec = config.precision
@@ -319,4 +332,4 @@ def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfi
         rec = file_record(stage, file)
         out[name] = GraphRecord(name=name, file=file, sha256=rec.sha256, io=io, precision=prec,
                                 external_data=tuple(file_record(stage, e) for e in ext), notes=notes)
-    return out
+    return out, calib

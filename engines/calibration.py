@@ -4,6 +4,10 @@ The user's images (``--calib-images DIR``) and prompts (``--calib-prompts FILE``
 bundle with the ordinary runtime; each graph's runner is wrapped so that every call's feeds are kept:
 pixel_values for ``vision``, image_embeds for ``qformer``, and for the decoder the prefill and several
 decode steps (so the KV cache inputs are real too). No torch: this is the runtime running.
+
+The decoder's keys and values are also summarized as they stream by (:attr:`CalibrationSet.kv_peak`:
+the largest magnitude per head and channel over every call, before any thinning), which is what an
+int8 KV cache needs for its scales.
 """
 
 from __future__ import annotations
@@ -58,18 +62,32 @@ class CalibrationSet:
     """Recorded feeds per graph name, in call order."""
 
     feeds: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
+    # decoder: past.{i}.{key,value} -> [heads, head_dim] largest |value| cached over every call
+    kv_peak: dict[str, np.ndarray] = field(default_factory=dict)
 
     def count(self, graph: str) -> int:
         return len(self.feeds.get(graph, []))
 
+    def observe_kv(self, outputs: dict[str, np.ndarray]) -> None:
+        """Fold a decoder call's ``present.*`` (every cached position, the new ones included) into
+        :attr:`kv_peak`."""
+        for name, a in outputs.items():
+            if not name.startswith("present.") or a.ndim != 4 or a.shape[2] == 0:
+                continue
+            key = "past." + name.removeprefix("present.")
+            m = np.abs(a).max(axis=(0, 2))
+            self.kv_peak[key] = m if key not in self.kv_peak else np.maximum(self.kv_peak[key], m)
+
 
 class _Recorder:
-    """A graph runner that keeps a copy of every call's feeds, then runs the real one."""
+    """A graph runner that keeps a copy of every call's feeds, then runs the real one (and hands its
+    outputs to ``observe``, if given)."""
 
-    def __init__(self, runner, sink: list):
+    def __init__(self, runner, sink: list, observe=None):
         self.runner = runner
         self.record = runner.record
         self.sink = sink
+        self.observe = observe
 
     @property
     def calls(self) -> int:
@@ -77,7 +95,10 @@ class _Recorder:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.sink.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-        return self.runner.run(feeds)
+        out = self.runner.run(feeds)
+        if self.observe is not None:
+            self.observe(out)
+        return out
 
 
 def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *, decode_steps: int = 6,
@@ -99,7 +120,8 @@ def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
     cal = CalibrationSet()
     for name in rt.manifest.required_graphs():
         sink: list = cal.feeds.setdefault(name.value, [])
-        rt._graphs[name.value] = _Recorder(rt.graph(name), sink)
+        rt._graphs[name.value] = _Recorder(rt.graph(name), sink,
+                                           cal.observe_kv if name is GraphName.DECODER else None)
     it: list[Path] = list(images)
     if progress:
         from tqdm import tqdm

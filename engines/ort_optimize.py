@@ -17,7 +17,9 @@ runtime must feed it (recorded in the manifest, see :data:`KV_SHARED`):
   call and zeros after it; the graph derives GroupQueryAttention's ``seqlens_k`` and
   ``total_sequence_length`` from it;
 * with ``notes["logits"] == "last"``, ``logits`` is ``[batch, 1, vocab]``: each row's newest position
-  only (the LM head no longer runs over the whole prompt at prefill).
+  only (the LM head no longer runs over the whole prompt at prefill);
+* with ``notes["kv_dtype"] == "int8"`` (int8 builds, :func:`quantize_kv_cache`), the ``past.*``/``present.*``
+  buffers are int8 with per-channel scales inside the graph.
 
 The plain exported graph stays in the bundle as the portable graph (TensorRT builds from it); the
 rewritten one is an ORT "engine" of it, built once at export and saved with its checksum.
@@ -673,9 +675,71 @@ def uint8_activations(model) -> int:
     return len(rewritten)
 
 
+KV_INT8_MARGIN = 1.0  # int8 KV scales cover this multiple of the largest |key|/|value| calibration saw
+
+
+def kv_cache_scales(peaks: dict[str, np.ndarray], layers: int, *,
+                    margin: float = KV_INT8_MARGIN) -> dict[str, np.ndarray]:
+    """Per-channel int8 scales for each layer's cached keys and values.
+
+    ``peaks``: ``{past.{i}.{key,value}: [heads, head_dim]}``, the largest magnitude calibration saw per
+    head and channel (``engines.calibration.CalibrationSet.kv_peak``). Each scale covers ``margin``
+    times it: keys carry a few large channels, and one scale per tensor would spend the 8 bits on them.
+    Returns ``{past name: [heads, 1, head_dim]}`` float32, the layout ``GroupQueryAttention`` takes for
+    ``PER_CHANNEL``. Raises when a layer was never seen (nothing to set its scales from).
+    """
+    need = [past_name(i, k) for i in range(layers) for k in ("key", "value")]
+    missing = [n for n in need if n not in peaks]
+    if missing:
+        raise Blip2Error(f"calibration saw no cached keys/values for {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}: the int8 KV cache has nothing to set its scales "
+                         f"from", hint="build with --ort-kv-cache fp32")
+    top = max(float(peaks[n].max()) for n in need)
+    floor = max(top * 1e-6, 1e-8)  # a channel that stayed at 0 still gets a usable scale
+    return {n: (np.maximum(peaks[n], floor) * margin / 127.0).astype(np.float32)[:, None, :] for n in need}
+
+
+def quantize_kv_cache(model, scales: dict[str, np.ndarray]) -> int:
+    """Store the fused decoder's KV cache in int8: ``past.*``/``present.*`` become int8 tensors, and each
+    ``GroupQueryAttention`` gets ``kv_cache_bit_width=8`` with per-channel ``k_scale``/``v_scale``
+    (``scales`` from :func:`kv_cache_scales`). The kernel quantizes each new key/value as it writes it
+    into the cache (rounding, saturating at +-127 * scale) and dequantizes what it reads; queries,
+    attention output and everything else stay fp32. A decode step then reads a quarter of the cache
+    bytes. Returns the number of layers converted; raises :class:`PatternError` when a layer's
+    attention is not a fused node reading ``past.*``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    done = 0
+    for gqa in [n for n in graph.node if n.op_type == "GroupQueryAttention"]:
+        k_name, v_name = (gqa.input[3], gqa.input[4]) if len(gqa.input) > 4 else ("", "")
+        if k_name not in scales or v_name not in scales:
+            raise PatternError(f"{gqa.name}: its cache inputs {k_name!r}, {v_name!r} have no int8 scales")
+        inputs = list(gqa.input) + [""] * max(0, 12 - len(gqa.input))
+        if any(inputs[12:]):
+            raise PatternError(f"{gqa.name} already has inputs past index 11")
+        ks, vs = f"{gqa.name}/k_scale", f"{gqa.name}/v_scale"
+        graph.initializer.extend([numpy_helper.from_array(scales[k_name], ks),
+                                  numpy_helper.from_array(scales[v_name], vs)])
+        del gqa.input[:]
+        gqa.input.extend(inputs[:12] + [ks, vs])
+        gqa.attribute.extend([helper.make_attribute("kv_cache_bit_width", 8),
+                              helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                              helper.make_attribute("v_quant_type", "PER_CHANNEL")])
+        done += 1
+    for v in (*graph.input, *graph.output):
+        if v.name.startswith(("past.", "present.")):
+            v.type.tensor_type.elem_type = TensorProto.INT8
+    return done
+
+
 def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads: int, head_dim: int,
-                         int8: str = "nbits") -> tuple[list[str], dict]:
+                         int8: str = "nbits", kv_scales: dict[str, np.ndarray] | None = None
+                         ) -> tuple[list[str], dict]:
     """Read the exported decoder at ``src``, fuse its attention, write the ORT engine graph at ``dst``.
+
+    With ``kv_scales`` (:func:`kv_cache_scales`) the engine keeps its KV cache in int8
+    (:func:`quantize_kv_cache`; ``notes["kv_dtype"]`` says so), else in the graph's float type.
 
     Returns (external data files written beside ``dst``, notes for the manifest). Written through a
     temporary name, so ``dst`` is never half-written.
@@ -689,10 +753,15 @@ def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads
     int8_notes = _engine_int8_weights(model, int8)
     reshapes = drop_row_reshapes(model)
     packed = pack_qkv(model)
+    kv_notes: dict[str, Any] = {}
+    if kv_scales is not None:
+        kv_notes = {"kv_dtype": "int8", "kv_quant": {"scales": "per channel, static (calibration)",
+                                                     "margin": KV_INT8_MARGIN,
+                                                     "layers": quantize_kv_cache(model, kv_scales)}}
     ext = save_model_atomic(model, Path(dst))
     notes = dict(result.notes, nodes_before=result.nodes_before, nodes_after=len(model.graph.node),
                  logits="last" if last else "all", row_reshapes_dropped=reshapes,
-                 qkv_packed=packed, **int8_notes)
+                 qkv_packed=packed, **int8_notes, **kv_notes)
     return ext, notes
 
 
@@ -768,7 +837,8 @@ def engine_record_fields() -> dict:
     return {"backend": "ort", "device_name": "cpu", "compute_capability": "", "backend_version": ort.__version__}
 
 
-def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None, int8: str = "nbits"):
+def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None, int8: str = "nbits",
+                      kv_scales: dict[str, np.ndarray] | None = None):
     """Build the ORT engine of graph ``record`` inside ``bundle_dir``; return the record with it attached.
 
     Decoders get fused attention and the in-place KV cache (:func:`build_decoder_engine`); calibrated
@@ -777,7 +847,7 @@ def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None,
     The engine is listed in ``record.engines`` (file + sha256, checked like every bundle file) and
     described in ``record.notes["ort_engine"]``, which tells the runtime how to feed it. When the graph
     does not match the rewrite, ``record`` is returned unchanged (the portable graph still runs) and
-    ``warn`` (if given) receives the reason.
+    ``warn`` (if given) receives the reason. ``kv_scales`` (decoders only): keep the KV cache in int8.
     """
     import dataclasses
 
@@ -793,7 +863,8 @@ def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None,
     try:
         if kind == "decoder":
             ext, notes = build_decoder_engine(bundle_dir / record.file, bundle_dir / dst, layers=m.llm_layers,
-                                              heads=m.llm_heads, head_dim=m.head_dim, int8=int8)
+                                              heads=m.llm_heads, head_dim=m.head_dim, int8=int8,
+                                              kv_scales=kv_scales)
         elif kind == "weights":
             ext, notes = build_weights_engine(bundle_dir / record.file, bundle_dir / dst, int8=int8)
         else:

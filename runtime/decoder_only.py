@@ -10,8 +10,9 @@ Two ways to hold the KV cache, chosen by the decoder graph the backend loaded (`
   one buffer ``[rows, heads, capacity, head_dim]`` allocated once per request (capacity = context +
   ``max_new_tokens`` when known) and bound as both ``past.*`` and ``present.*``; the fused attention
   writes each new position in place. Rows are aligned at position 0 (row ``b`` holds ``len_b``
-  positions) and the attention mask marks ``[0, len_b)``. A step therefore copies nothing and the
-  loop allocates only a few small arrays per token.
+  positions) and the attention mask marks ``[0, len_b)``. A step therefore copies nothing: its logits
+  land in a buffer bound once per binding, and the loop allocates only a few small arrays per token.
+  The buffers have the engine's cache type (``decoder.kv_dtype``: int8 for an int8 build's engine).
 
 Both give the same logits; a state is consumed by ``step`` (its cache may be extended in place).
 """
@@ -36,6 +37,7 @@ class DecoderState:
     mask: np.ndarray  # [rows, total] int64 (shared_buffer: ones at [0, len_b))
     next_pos: np.ndarray  # [rows] int64: position id of the next token (shared_buffer: also len_b)
     binding: Any = None  # shared_buffer: the backend's IO binding with the cache buffers bound
+    logits: np.ndarray | None = None  # shared_buffer: [rows, 1, vocab] bound as the steps' logits output
 
 
 class DecoderOnlyModel:
@@ -48,11 +50,13 @@ class DecoderOnlyModel:
                  prompt_ids: list[list[int]], max_new_tokens: int | None = None):
         self.m = manifest.model
         self.decoder = decoder
-        self.embed = embed
+        self.embed = np.asarray(embed)  # a memory-mapped table, viewed as a plain array (cheaper to index)
         self.prefix = prefix
         self.prompt_ids = prompt_ids
         self.batch = len(prompt_ids)
         self.dtype = np.dtype(decoder.record.io.inputs[0].dtype)
+        self.kv_dtype = np.dtype(getattr(decoder, "kv_dtype", self.dtype))  # an ORT engine may keep int8
+        self.logits_dtype = np.dtype(next(t.dtype for t in decoder.record.io.outputs if t.name == "logits"))
         self.layers = self.m.llm_layers
         self.max_new_tokens = max_new_tokens
         self.shared = getattr(decoder, "kv_cache", "concat") == KV_SHARED and hasattr(decoder, "binding")
@@ -64,7 +68,7 @@ class DecoderOnlyModel:
         return [image + list(ids) for ids in self.prompt_ids]
 
     def _embed(self, ids) -> np.ndarray:
-        return np.asarray(self.embed[np.asarray(ids, dtype=np.int64)], dtype=self.dtype)
+        return self.embed[np.asarray(ids, dtype=np.int64)].astype(self.dtype, copy=False)
 
     def _rows(self, left: bool):
         """Embeddings [B,T,D], mask and positions of the prompt rows, padded on the left or the right."""
@@ -137,7 +141,7 @@ class DecoderOnlyModel:
         embeds, mask, positions, lengths = self._rows(left=False)
         B, T = mask.shape
         shape = (B, self.m.llm_heads, self._capacity(T), self.m.head_dim)
-        past = {p: np.zeros(shape, dtype=self.dtype) for p, _ in self._names}
+        past = {p: np.zeros(shape, dtype=self.kv_dtype) for p, _ in self._names}
         binding = self._bind(past)
         logits = self._run_bound(binding, embeds, mask, positions)
         if logits.shape[1] == 1:  # the engine computed each row's newest position only
@@ -158,8 +162,15 @@ class DecoderOnlyModel:
                 bigger[name] = new
             past, binding = bigger, self._bind(bigger)
         mask = (np.arange(total)[None, :] < lengths[:, None]).astype(np.int64)
-        logits = self._run_bound(binding, embeds, mask, state.next_pos[:, None])
-        return logits[:, -1, :], DecoderState(past, mask, lengths, binding)
+        out = state.logits if binding is state.binding else None
+        if out is None:  # bind the steps' logits once per binding: no per-step output allocation or fetch
+            out = np.empty((len(lengths), 1, self.m.vocab_size), dtype=self.logits_dtype)
+            binding.output("logits", out)
+        binding.input("inputs_embeds", embeds)
+        binding.input("attention_mask", mask)
+        binding.input("position_ids", state.next_pos[:, None])
+        binding.run()
+        return out[:, -1, :].copy(), DecoderState(past, mask, lengths, binding, out)  # callers may keep logits
 
     @staticmethod
     def _run_bound(binding, embeds, mask, positions) -> np.ndarray:

@@ -89,6 +89,28 @@ def test_in_place_cache_grows_and_reorders_rows(tiny_bundle):
     np.testing.assert_allclose(got, ref, atol=5e-5, rtol=1e-4)
 
 
+def test_steps_write_logits_into_one_bound_buffer(tiny_bundle):
+    """Steps reuse one logits buffer per binding (nothing fetched or allocated by ORT per token); each
+    step still returns its own array, and a new binding (select, cache growth) gets a new buffer."""
+    rt = _runtime(tiny_bundle, True)
+    sm = DecoderOnlyModel(rt.manifest, rt.graph(GraphName.DECODER), rt.embed, _prefix(rt, 3), PROMPTS,
+                          max_new_tokens=4)
+    _, state = sm.prefill()
+    assert state.logits is None
+    toks = np.array([10, 11, 12])
+    first, state = sm.step(toks, state)
+    buf = state.logits
+    assert buf is not None and buf.shape == (3, 1, rt.manifest.model.vocab_size)
+    assert not state.binding._fetch  # logits bound to the buffer: the run hands nothing back
+    second, state = sm.step(toks, state)
+    assert state.logits is buf and not np.shares_memory(first, buf) and not np.shares_memory(second, buf)
+    np.testing.assert_array_equal(second, buf[:, 0])
+    assert not np.array_equal(first, second)  # the first step's logits were not overwritten
+    state = sm.select(state, np.array([1, 0]))
+    third, state = sm.step(toks[:2], state)
+    assert state.logits is not buf and state.logits.shape[0] == 2 and third.shape == (2, buf.shape[2])
+
+
 def test_generate_is_identical_with_and_without_the_engine(tiny_bundle):
     imgs = [np.random.default_rng(i).integers(0, 256, size=(40, 40, 3), dtype=np.uint8) for i in range(3)]
     prompts = ["", "a photo of", "question : what is in the picture ? answer :"]

@@ -71,6 +71,7 @@ def test_manifest_records_precision_io_and_islands(built):
     assert eng8["int8_matmul"]["layers"] == dec8.notes["linear_layers_quantized"]
     # the MLP's flatten/restore reshapes are gone (MatMulNBits takes [batch, seq, hidden]); q|k|v packed
     assert eng8["row_reshapes_dropped"] == eng8["qkv_packed"] == m.model.llm_layers
+    assert eng8["kv_dtype"] == "int8" and eng8["kv_quant"]["layers"] == m.model.llm_layers
     assert {t.dtype for t in dec8.io.inputs if t.name != "attention_mask" and t.name != "position_ids"} == {"float32"}
 
 
@@ -155,6 +156,85 @@ def test_padded_batch_is_finite_and_matches_single_rows(built, precision):
             assert np.isfinite(value.astype(np.float32)).all(), name
     for img, prompt, got in zip(images, prompts, batch):
         assert rt.generate([img], [prompt], max_new_tokens=8)[0].token_ids == got.token_ids
+
+
+def _teacher_forced_int8(bundle, steps=8):
+    """Logits of prefill + ``steps`` fixed tokens through the int8 ORT engine, and the final state."""
+    from runtime.decoder_only import DecoderOnlyModel
+
+    rt = Blip2Runtime(bundle, precision="int8", threads=1)
+    m = rt.manifest.model
+    prompts = [[7, 8, 9, 10], [12]]
+    prefix = np.random.default_rng(0).normal(size=(2, m.num_query_tokens, m.llm_hidden)).astype(np.float32)
+    sm = DecoderOnlyModel(rt.manifest, rt.graph(GraphName.DECODER), rt.embed, prefix, prompts,
+                          max_new_tokens=steps)
+    logits, state = sm.prefill()
+    out = [logits]
+    for k in range(steps):
+        logits, state = sm.step(np.array([20 + k, 30 + k]), state)
+        out.append(logits)
+    return np.stack(out), state, rt.graph(GraphName.DECODER)
+
+
+def test_int8_kv_cache_against_an_fp32_cache(built, tmp_path):
+    """The default int8 engine stores its KV cache in int8 (a quarter of the bytes) with calibrated
+    per-channel scales; --ort-kv-cache fp32 keeps it exact. Both give nearly the same logits."""
+    bundle, _ = built
+    exact = tmp_path / "exact"
+    shutil.copytree(bundle, exact)
+    build_bundle(exact, BuildConfig(precision="int8", backend="ort", calib_images=_images(tmp_path / "calib"),
+                                    ort_kv_cache="fp32", force=True), progress=False)
+    assert "kv_dtype" not in load_manifest(exact).graph("decoder", "int8").notes["ort_engine"]
+    q8, s8, dec8 = _teacher_forced_int8(bundle)
+    q32, s32, dec32 = _teacher_forced_int8(exact)
+    assert dec8.kv_dtype == np.int8 and dec32.kv_dtype == np.float32
+    k8, k32 = s8.past["past.0.key"], s32.past["past.0.key"]
+    assert k8.dtype == np.int8 and k32.dtype == np.float32 and k8.shape == k32.shape and 4 * k8.nbytes == k32.nbytes
+    assert np.abs(k8[:, :, :5].astype(np.int32)).max() > 16  # the scales use the int8 range
+    assert not np.array_equal(q8, q32)  # the cache really is quantized ...
+    a, b = q8.reshape(-1, q8.shape[-1]), q32.reshape(-1, q32.shape[-1])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.995, cos  # ... and close to the exact cache at every step
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9
+
+
+def test_kv_scales_from_calibration_peaks():
+    from engines.calibration import CalibrationSet
+    from engines.ort_optimize import KV_INT8_MARGIN, kv_cache_scales
+    from runtime.errors import Blip2Error
+
+    cal = CalibrationSet()
+    a = np.zeros((1, 2, 3, 4), np.float32)
+    a[0, 1, 2, 3] = -5.0  # head 1, channel 3, at the newest position
+    b = np.full((2, 2, 1, 4), 0.5, np.float32)
+    b[1, 0, 0, 0] = 2.0
+    for out in ({"present.0.key": a, "present.0.value": b, "logits": np.ones((1, 1, 9))},
+                {"present.0.key": b, "present.0.value": a}):
+        cal.observe_kv(out)
+    assert set(cal.kv_peak) == {"past.0.key", "past.0.value"}
+    np.testing.assert_array_equal(cal.kv_peak["past.0.key"], [[2.0, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 5.0]])
+    scales = kv_cache_scales(cal.kv_peak, layers=1)
+    assert scales["past.0.key"].shape == (2, 1, 4) and scales["past.0.key"].dtype == np.float32
+    assert scales["past.0.key"][1, 0, 3] == pytest.approx(5.0 * KV_INT8_MARGIN / 127)
+    cal.kv_peak["past.0.value"][0, 1] = 0.0  # a channel that never moved still gets a positive scale
+    assert kv_cache_scales(cal.kv_peak, layers=1)["past.0.value"].min() > 0
+    with pytest.raises(Blip2Error, match="past.1.key.*--ort-kv-cache fp32"):
+        kv_cache_scales(cal.kv_peak, layers=2)
+
+
+def test_manifest_that_misstates_the_kv_cache_type_is_refused(built, tmp_path):
+    """The engine notes say how the cache is stored; a manifest that does not match the graph is refused
+    at load instead of feeding it float buffers."""
+    from runtime.errors import Blip2Error
+
+    bundle, _ = built
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    raw = json.loads((bad / "manifest.json").read_text())
+    del raw["graphs"]["int8"]["decoder"]["notes"]["ort_engine"]["kv_dtype"]
+    (bad / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(Blip2Error, match=r"past\.0\.key is tensor\(int8\), the manifest says tensor\(float\)"):
+        Blip2Runtime(bad, precision="int8", threads=1).graph(GraphName.DECODER)
 
 
 def test_cli_run_after_build(built, tmp_path):

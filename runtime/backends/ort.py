@@ -20,7 +20,9 @@ import numpy as np
 from runtime.errors import Blip2Error, Blip2Warning, require
 from runtime.manifest import EngineRecord, GraphRecord
 
-_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8}
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+              "int32": "tensor(int32)", "int8": "tensor(int8)"}  # how ORT names them (NodeArg.type)
 KV_CONCAT = "concat"  # past in, past + new out (the exported graph)
 
 
@@ -33,7 +35,8 @@ def _x86() -> bool:
 class OrtGraph:
     """One ONNX Runtime session. ``run`` is thread-safe (ORT sessions allow concurrent ``run``)."""
 
-    def __init__(self, session, record: GraphRecord, *, kv_cache: str = KV_CONCAT, engine: str | None = None):
+    def __init__(self, session, record: GraphRecord, *, kv_cache: str = KV_CONCAT, engine: str | None = None,
+                 kv_dtype: str | None = None):
         self.session = session
         self.record = record
         self.kv_cache = kv_cache  # "concat" or engines.ort_optimize.KV_SHARED
@@ -43,10 +46,25 @@ class OrtGraph:
         self._inputs = [t.name for t in record.io.inputs]
         self._outputs = [t.name for t in record.io.outputs]
         self._dtypes = {t.name: _DTYPES[t.dtype] for t in (*record.io.inputs, *record.io.outputs)}
+        where = engine or record.file
+        if kv_dtype is not None:  # an engine that stores its KV cache in another type (manifest notes)
+            if kv_dtype not in _DTYPES:
+                raise Blip2Error(f"graph {where}: KV cache type {kv_dtype!r} is not one this runtime knows",
+                                 hint="upgrade blip2-export, or rebuild the bundle with this version")
+            for name in self._dtypes:
+                if name.startswith(("past.", "present.")):
+                    self._dtypes[name] = _DTYPES[kv_dtype]
+        self.kv_dtype = np.dtype(next((d for n, d in self._dtypes.items() if n.startswith("past.")),
+                                      _DTYPES[record.io.inputs[0].dtype]))
         got = [i.name for i in session.get_inputs()]
         if got != self._inputs:
-            raise Blip2Error(f"graph {engine or record.file} inputs {got} differ from the manifest's {self._inputs}",
+            raise Blip2Error(f"graph {where} inputs {got} differ from the manifest's {self._inputs}",
                              hint="re-export the bundle")
+        for i in session.get_inputs():  # the manifest (with its engine notes) must say what the graph takes
+            want = _ORT_TYPES[np.dtype(self._dtypes[i.name]).name]
+            if i.type != want:
+                raise Blip2Error(f"graph {where} input {i.name} is {i.type}, the manifest says {want}",
+                                 hint="re-export or rebuild the bundle")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self._inputs if n not in feeds]
@@ -171,5 +189,6 @@ class OrtBackend:
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise Blip2Error(f"ONNX Runtime cannot load {file}: {str(e).splitlines()[0]}") from None
         if found:
-            return OrtGraph(sess, record, kv_cache=str(found[1].get("kv_cache", KV_CONCAT)), engine=file)
+            return OrtGraph(sess, record, kv_cache=str(found[1].get("kv_cache", KV_CONCAT)), engine=file,
+                            kv_dtype=found[1].get("kv_dtype"))
         return OrtGraph(sess, record)
