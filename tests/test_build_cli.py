@@ -82,7 +82,8 @@ def test_build_help_teaches():
     from blip2_export.cli import cli
 
     out = CliRunner().invoke(cli, ["build", "--help"]).output
-    for text in ("--calib-images", "--timing-cache", "strongly typed", "blip2-export build ./bundle --precision int8"):
+    for text in ("--calib-images", "--timing-cache", "--ort-kv-cache", "strongly typed",
+                 "blip2-export build ./bundle --precision int8"):
         assert text in out
 
 
