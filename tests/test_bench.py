@@ -10,6 +10,7 @@ import pytest
 from blip2_export.bench import (
     STAGES,
     BenchConfig,
+    evaluate_targets,
     kv_bytes,
     memory_bandwidth,
     onnx_weight_bytes,
@@ -61,6 +62,22 @@ def test_bench_writes_json_markdown_and_plot(report_dir):
     assert "| ort-fp32 | 1 |" in md and "| eager | 2 |" in md and "roofline" in md
     assert "`trt-fp16`: skipped, not available here: tensorrt not installed" in md
     assert (report_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fp16_on_an_x86_cpu_is_explained_in_the_targets():
+    """The fp16 roofline row says why it cannot be met on an x86 CPU (and only there)."""
+    sweep = [{"batch": 1, "context": c, "ms": {"p50": 12.0, "min": 11.0}, "roofline_ms": 5.0} for c in (64, 512)]
+    backend = {"status": "ok", "e2e": {}, "decode_sweep": sweep}
+
+    def fp16_note(arch, device="cpu"):
+        report = {"backends": {"ort-fp16": backend}, "machine": {"arch": arch}, "settings": {"device": device}}
+        row = next(t for t in evaluate_targets(report) if t["target"].startswith("ort-fp16 decode within"))
+        assert row["value"] == pytest.approx(2.2) and row["met"] is False
+        return row["note"]
+
+    assert "no fp16 matmul kernels" in fp16_note("x86_64")
+    assert "no fp16 matmul kernels" not in fp16_note("aarch64")
+    assert "no fp16 matmul kernels" not in fp16_note("x86_64", device="cuda")
 
 
 def test_config_and_inputs_are_checked_before_running(tiny_bundle):
