@@ -682,8 +682,10 @@ def evaluate_targets(report: dict) -> list[dict]:
     """
     out = []
     backends = report["backends"]
+    from runtime.backends.ort import X86_ARCHS
+
     x86_cpu = (report.get("settings", {}).get("device", "cpu") == "cpu"
-               and report.get("machine", {}).get("arch", "").lower() in ("x86_64", "amd64", "i386", "i686"))
+               and report.get("machine", {}).get("arch", "").lower() in X86_ARCHS)
     for spec, limit in TARGETS.items():
         r = backends.get(spec, {})
         if r.get("status") != "ok":

@@ -26,10 +26,13 @@ _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64":
 KV_CONCAT = "concat"  # past in, past + new out (the exported graph)
 
 
+X86_ARCHS = ("x86_64", "amd64", "i386", "i686")  # platform.machine() names of x86 CPUs (lower case)
+
+
 def _x86() -> bool:
     import platform
 
-    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return platform.machine().lower() in X86_ARCHS
 
 
 class OrtGraph:
