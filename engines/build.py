@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from runtime.contract import Family, GraphName
 from runtime.errors import Blip2Error, BundleError
@@ -35,6 +35,9 @@ from runtime.manifest import (
     file_record,
     load_manifest,
 )
+
+if TYPE_CHECKING:
+    from engines.calibration import CalibrationSet
 
 BACKENDS = ("auto", "ort", "trt")
 IO_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
@@ -274,7 +277,8 @@ def _files_of(graphs: dict[str, GraphRecord]) -> set[str]:
 
 
 def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfig, progress: bool,
-               say: Callable[[str], None], taken: set[str]) -> tuple[dict[str, GraphRecord], Any]:
+               say: Callable[[str], None], taken: set[str]
+               ) -> tuple[dict[str, GraphRecord], CalibrationSet | None]:
     """Write the ``config.precision`` graphs into ``stage``; return their records and the calibration
     set (int8; None otherwise)."""
     from engines.onnx_utils import fresh_name, save_model_atomic
