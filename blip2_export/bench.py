@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backends.int8_kernels import Int8Choice, Int8Kernel, choose, cpu_features
 from runtime.contract import GraphName
 from runtime.errors import Blip2Error, require
 
@@ -63,10 +64,12 @@ class BenchConfig:
     prompt: str = "a photo of"
     progress: bool = True
     device: str = "cpu"  # "cuda": eager in fp16 on the GPU, ort-* on ONNX Runtime's CUDA provider
+    int8_kernel: str = "auto"  # ORT int8 weight form (runtime.backends.int8_kernels); auto: exact for this CPU
 
     def validate(self) -> BenchConfig:
         if self.device not in DEVICES:
             raise Blip2Error(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        Int8Kernel.parse(self.int8_kernel)
         for b in self.backends:
             parse_backend(b)
         if not self.backends:
@@ -91,14 +94,25 @@ class BenchConfig:
 
 
 def parse_backend(spec: str) -> tuple[str, str]:
-    """``eager`` -> ("eager", "fp32"); ``ort-int8`` -> ("ort", "int8")."""
+    """``eager`` -> ("eager", "fp32"); ``ort-int8`` (or ``ort-int8@u8u8``) -> ("ort", "int8")."""
     if spec == "eager":
         return "eager", "fp32"
-    kind, _, prec = spec.partition("-")
+    name, _, form = spec.partition("@")
+    kind, _, prec = name.partition("-")
     if kind not in BACKEND_KINDS[1:] or prec not in PRECISIONS:
         choices = ["eager"] + [f"{k}-{p}" for k in BACKEND_KINDS[1:] for p in PRECISIONS]
-        raise Blip2Error(f"unknown backend {spec!r}; choose from: {', '.join(choices)}")
+        raise Blip2Error(f"unknown backend {spec!r}; choose from: {', '.join(choices)} "
+                         "(ort-int8@<int8 kernel> for one int8 weight form)")
+    if form and (kind, prec) != ("ort", "int8"):
+        raise Blip2Error(f"backend {spec!r}: an int8 kernel form (@{form}) applies to ort-int8 only")
+    if form:
+        Int8Kernel.parse(form)
     return kind, prec
+
+
+def backend_int8_kernel(spec: str, default: str) -> str:
+    """The int8 weight form of backend ``spec``: its ``@form`` suffix, else ``default`` (--int8-kernel)."""
+    return spec.partition("@")[2] or default
 
 
 # -- measurement helpers ---------------------------------------------------------------------------
@@ -265,10 +279,11 @@ class _Clock:
 class RuntimeRunner:
     """A bundle on a runtime backend (ORT or TensorRT), timed through its public API."""
 
-    def __init__(self, bundle: Path, kind: str, precision: str, threads: int, device: str = "cpu"):
+    def __init__(self, bundle: Path, kind: str, precision: str, threads: int, device: str = "cpu",
+                 int8_kernel: str = "auto"):
         from runtime.pipeline import Blip2Runtime
 
-        opts: dict[str, Any] = {"threads": threads} if kind == "ort" else {}
+        opts: dict[str, Any] = {"threads": threads, "int8_kernel": int8_kernel} if kind == "ort" else {}
         if kind == "ort" and device == "cuda":
             opts["providers"] = ["CUDAExecutionProvider"]
         self.rt = Blip2Runtime(bundle, precision=precision, backend=kind, verify=False, **opts)
@@ -281,7 +296,9 @@ class RuntimeRunner:
     def describe(self) -> dict:
         rec = self.decoder.record
         file = getattr(self.decoder, "engine", None) or rec.file
+        int8 = getattr(self.rt.graph(GraphName.VISION), "int8", None)
         return {"decoder_file": file, "kv_cache": getattr(self.decoder, "kv_cache", "concat"),
+                **({"int8_kernel": int8.kernel.value} if int8 is not None else {}),
                 "weight_bytes": onnx_weight_bytes(self.rt.bundle / file),
                 "kv_itemsize": np.dtype(getattr(self.decoder, "kv_dtype", rec.io.inputs[0].dtype)).itemsize}
 
@@ -451,7 +468,7 @@ class EagerRunner:
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
-def machine_info(device: str = "cpu") -> dict:
+def machine_info(device: str = "cpu", int8_choice: Int8Choice | None = None) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -460,8 +477,15 @@ def machine_info(device: str = "cpu") -> dict:
                 break
     except OSError:
         pass
+    feats = cpu_features()
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-                            "arch": platform.machine(), "python": platform.python_version()}
+                            "arch": platform.machine(), "python": platform.python_version(),
+                            "cpu_class": feats["class"], "cpu_features": feats["features"]}
+    if device == "cpu":
+        try:
+            info["int8_kernel"] = int8_choice.describe() if int8_choice is not None else choose().describe()
+        except Blip2Error:
+            pass
     try:
         info["ram_gb"] = round(require("psutil", "bench").virtual_memory().total / 2**30, 1)
     except Blip2Error:
@@ -541,7 +565,7 @@ def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchCo
     token = facts.bos_token_id if facts.bos_token_id is not None else 5
 
     report: dict[str, Any] = {
-        "machine": machine_info(config.device),
+        "machine": machine_info(config.device, choose(config.int8_kernel) if config.device == "cpu" else None),
         "load_average_start": list(os.getloadavg()),
         "settings": {**asdict(config), "threads": threads, "bundle": str(bundle),
                      "checkpoint": str(checkpoint) if checkpoint else None},
@@ -571,7 +595,8 @@ def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchCo
             continue
         if bar is not None:
             bar.set_description(f"load {spec}")
-        runners[spec], results[spec] = _load_backend(kind, prec, checkpoint, bundle, config, images, token, bar)
+        runners[spec], results[spec] = _load_backend(kind, prec, checkpoint, bundle, config, images, token, bar,
+                                                     backend_int8_kernel(spec, config.int8_kernel))
     # 2. measured rounds: every backend, batch and context once per round, backends interleaved, so slow
     # drifts and bursts of load from other processes spread over all of them instead of skewing one ratio
     def measure_bandwidth() -> float:
@@ -609,12 +634,13 @@ def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchCo
     return report
 
 
-def _load_backend(kind, prec, checkpoint, bundle, config: BenchConfig, images, token, bar) -> tuple[Any, dict]:
+def _load_backend(kind, prec, checkpoint, bundle, config: BenchConfig, images, token, bar,
+                  int8_kernel: str = "auto") -> tuple[Any, dict]:
     """Load a backend and run its warm-up (every batch and context), measuring the memory it adds."""
     gc.collect()
     with PeakMemory(gpu=config.device == "cuda") as mem:
         runner: Any = (EagerRunner(checkpoint, config.thread_count, config.device) if kind == "eager"
-                       else RuntimeRunner(bundle, kind, prec, config.thread_count, config.device))
+                       else RuntimeRunner(bundle, kind, prec, config.thread_count, config.device, int8_kernel))
         for _ in range(config.warmup):
             for batch in config.batches:
                 runner.e2e(images[:batch], config.prompt, config.new_tokens, None)
@@ -728,7 +754,9 @@ def render_markdown(report: dict) -> str:
     lines = [
         "## blip2-export bench",
         "",
-        (f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gb', '?')} GB RAM, {m.get('platform')}; "
+        (f"Machine: {m.get('cpu')} ({m.get('cpu_class', '?')}: {' '.join(m.get('cpu_features', [])) or '-'}), "
+         f"{m.get('cores')} cores, {m.get('ram_gb', '?')} GB RAM, {m.get('platform')}; "
+         + (f"int8 kernel form {m['int8_kernel']}; " if m.get("int8_kernel") else "") +
          f"onnxruntime {m.get('onnxruntime', '-')}, torch {m.get('torch', '-')}, transformers "
          f"{m.get('transformers', '-')}.{gpu} Threads: {s['threads']} (torch and ORT). Load average "
          f"{la0[0]:.1f} at start, {la1[0]:.1f} at end. {bw}"

@@ -154,6 +154,24 @@ def build(bundle, precision, backend, calib_images, calib_prompts, calib_method,
 
 
 # ------------------------------------------------------------------------------------------------
+def _backend_options(backend: str, threads: int | None, int8_kernel: str = "auto") -> dict:
+    """Keyword options of a runtime's backend from the CLI's --threads / --int8-kernel."""
+    if backend != "ort":
+        return {}
+    return {**({"threads": threads} if threads else {}), "int8_kernel": int8_kernel}
+
+
+def _int8_kernel_option(f):
+    from runtime.backends.int8_kernels import INT8_KERNELS
+
+    return click.option(
+        "--int8-kernel", default="auto", show_default=True, type=click.Choice(list(INT8_KERNELS)),
+        help="int8 on a CPU (ONNX Runtime): the weight form of the calibrated vision/Q-Former graphs. auto: "
+             "u8s8 (weights as built) where ORT's u8 x s8 kernels are exact on this CPU (VNNI/AMX), else u8s7 "
+             "(weights halved to 7 bits at load: exact on AVX2-only CPUs, which saturate u8s8). "
+             "'blip2-export inspect' shows the choice.")(f)
+
+
 def _generation_options(f):
     opts = [
         click.option("--max-new-tokens", type=int, default=None, help="Tokens to generate (default: manifest)."),
@@ -185,12 +203,15 @@ def _generation_options(f):
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated (batch of one).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Say on stderr which graph files were loaded and which int8 kernel form this CPU runs.")
+@_int8_kernel_option
 @_generation_options
-def run(bundle, images, prompts, precision, backend, threads, stream, as_json, **gen):
+def run(bundle, images, prompts, precision, backend, threads, stream, as_json, verbose, int8_kernel, **gen):
     """Caption images or answer prompts about them with a BUNDLE (no torch needed)."""
     from runtime.pipeline import Blip2Runtime
 
-    opts = {"threads": threads} if backend == "ort" and threads else {}
+    opts = _backend_options(backend, threads, int8_kernel)
     rt = Blip2Runtime(bundle, precision=precision, backend=backend, **opts)
     plist = list(prompts) or [""]
     if len(plist) not in (1, len(images)):
@@ -207,6 +228,9 @@ def run(bundle, images, prompts, precision, backend, threads, stream, as_json, *
 
     results = rt.generate(list(images), plist if len(plist) > 1 else plist[0], stream=callback,
                           **{k: v for k, v in gen.items() if v is not None})
+    if verbose:
+        for line in rt.describe_loaded():
+            click.echo(line, err=True)
     if callback is not None:
         click.echo()
     for img, r in zip(images, results):
@@ -236,8 +260,9 @@ def run(bundle, images, prompts, precision, backend, threads, stream, as_json, *
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per query.")
+@_int8_kernel_option
 def retrieve(bundle, images_dir, texts_file, features_in, features_out, rerank_top_k, top, direction, precision,
-             backend, threads, as_json):
+             backend, threads, as_json, int8_kernel):
     """Image-text retrieval with a stage-1 BUNDLE (exported from a Blip2ForImageTextRetrieval checkpoint).
 
     Ranks by ITC similarity (best query feature vs the text's [CLS] feature), then re-ranks the
@@ -254,8 +279,8 @@ def retrieve(bundle, images_dir, texts_file, features_in, features_out, rerank_t
 
     if (texts_file is None) == (features_in is None):
         raise Blip2Error("give the captions with --texts FILE or --text-features FILE.npz (one of them)")
-    opts = {"threads": threads} if backend == "ort" and threads else {}
-    rt = RetrievalRuntime(bundle, precision=precision, backend=backend, **opts)
+    rt = RetrievalRuntime(bundle, precision=precision, backend=backend,
+                          **_backend_options(backend, threads, int8_kernel))
     texts = rt.load_texts(features_in) if features_in is not None else rt.encode_texts(read_texts(texts_file))
     if features_out is not None:
         texts.save(features_out)
@@ -296,8 +321,9 @@ def retrieve(bundle, images_dir, texts_file, features_in, features_out, rerank_t
               help="Retrieval bundles: captions file, one per line. Default: 10 built-in captions.")
 @click.option("--rerank-top-k", default=4, show_default=True,
               help="Retrieval bundles: compare the ITM re-ranking of the k best ITC candidates.")
+@_int8_kernel_option
 def parity(checkpoint, bundle, images_dir, prompts_file, precision, backend, num_beams, batch, max_new_tokens,
-           report, texts_file, rerank_top_k):
+           report, texts_file, rerank_top_k, int8_kernel):
     """Compare the eager CHECKPOINT with BUNDLE: per stage and per generation. Exit 1 on failure.
 
     Thresholds per precision (max abs diff / cosine per stage, token agreement) are in README.
@@ -315,7 +341,8 @@ def parity(checkpoint, bundle, images_dir, prompts_file, precision, backend, num
         texts = read_texts(texts_file) if texts_file is not None else DEFAULT_CAPTIONS
         images = list_images(images_dir) if images_dir is not None else None
         rrep = run_retrieval_parity(checkpoint, bundle, images=images, texts=texts, precision=precision,
-                                    backend=backend, rerank_top_k=rerank_top_k)
+                                    backend=backend, rerank_top_k=rerank_top_k,
+                                    **_backend_options(backend, None, int8_kernel))
         click.echo(rrep.render())
         if report:
             save_report(rrep, report)
@@ -330,7 +357,8 @@ def parity(checkpoint, bundle, images_dir, prompts_file, precision, backend, num
         prompts = tuple(prompts_file.read_text(encoding="utf-8").splitlines())
     images = list_images(images_dir) if images_dir is not None else None
     rep = run_parity(checkpoint, bundle, images=images, prompts=prompts, precision=precision, backend=backend,
-                     num_beams=num_beams, batch=batch, max_new_tokens=max_new_tokens, progress=True)
+                     num_beams=num_beams, batch=batch, max_new_tokens=max_new_tokens, progress=True,
+                     **_backend_options(backend, None, int8_kernel))
     click.echo(rep.render())
     if report:
         save_report(rep, report)
@@ -354,6 +382,12 @@ def inspect(bundle, no_verify):
     _summary(bundle)
     if not no_verify:
         click.echo("checksums: ok")
+    if any(g.precision == "int8" and g.notes.get("recipe") == "static" for gs in m.graphs.values()
+           for g in gs.values()):
+        from runtime.backends.int8_kernels import choose, cpu_features
+
+        click.echo(f"int8 on this CPU ({cpu_features()['class']}): {choose().describe()}; "
+                   "override with --int8-kernel")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,8 +439,9 @@ def _int_list(ctx, param, value):
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
               help="cpu: eager in torch fp32, ort-* on the CPU. cuda: eager in fp16 on the GPU (the GPU baseline), "
                    "ort-* on ONNX Runtime's CUDA provider, trt-* TensorRT; roofline from GPU bandwidth.")
+@_int8_kernel_option
 def bench(model_dir, bundle, backends, batches, new_tokens, contexts, repeats, warmup, decode_steps, threads,
-          prompt, model_preset, out, device):
+          prompt, model_preset, out, device, int8_kernel):
     """Time the eager MODEL_DIR checkpoint and BUNDLE's backends side by side, on the same inputs.
 
     \b
@@ -421,7 +456,8 @@ def bench(model_dir, bundle, backends, batches, new_tokens, contexts, repeats, w
 
     cfg = BenchConfig(backends=tuple(b.strip() for b in backends.split(",") if b.strip()), batches=batches,
                       new_tokens=new_tokens, contexts=contexts, warmup=warmup, repeats=repeats,
-                      decode_steps=decode_steps, threads=threads, prompt=prompt, device=device).validate()
+                      decode_steps=decode_steps, threads=threads, prompt=prompt, device=device,
+                      int8_kernel=int8_kernel).validate()
     if model_preset is not None:
         need = max(max(contexts) + decode_steps + 2, 64 + new_tokens)
         build_bench_model(model_dir, bundle, model_preset, max_context=-(-need // 64) * 64 + 64,
@@ -444,7 +480,8 @@ def bench(model_dir, bundle, backends, batches, new_tokens, contexts, repeats, w
 @click.option("--limit", default=100, show_default=True, help="Items to score (R@1 is among this many pairs).")
 @click.option("--prompt", default="", help="Prompt for captioning (generative bundles).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines.")
-def evaluate(bundle, data, split, precisions, limit, prompt, as_json):
+@_int8_kernel_option
+def evaluate(bundle, data, split, precisions, limit, prompt, as_json, int8_kernel):
     """Score BUNDLE on a captioned dataset: caption exact match, or retrieval R@1 both ways.
 
     \b
@@ -455,7 +492,8 @@ def evaluate(bundle, data, split, precisions, limit, prompt, as_json):
 
     base = None
     for prec in precisions:
-        q = run_eval(bundle, data, split=split, precision=prec, limit=limit, prompt=prompt, progress=True)
+        q = run_eval(bundle, data, split=split, precision=prec, limit=limit, prompt=prompt, progress=True,
+                     int8_kernel=int8_kernel)
         if as_json:
             click.echo(json.dumps(q.to_json()))
             continue

@@ -58,6 +58,16 @@ class Blip2Runtime:
         """The runner for ``name`` (loaded once, on first use)."""
         return self._graph_set.get(name)
 
+    def describe_loaded(self) -> list[str]:
+        """One line per loaded graph: the file that runs and, for calibrated int8 graphs, the int8 form."""
+        lines = []
+        for name, runner in self._graphs.items():
+            file = getattr(runner, "engine", None) or runner.record.file
+            int8 = getattr(runner, "int8", None)
+            lines.append(f"{name}: {file} ({self.backend.name}, {self.precision})"
+                         + (f"; int8 kernel {int8.describe()}" if int8 is not None else ""))
+        return lines
+
     @property
     def family(self) -> Family:
         return self.manifest.family

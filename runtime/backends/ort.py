@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.backends.int8_kernels import Int8Choice, Int8Kernel, apply_weight_form, choose
 from runtime.errors import Blip2Error, Blip2Warning, require
 from runtime.manifest import EngineRecord, GraphRecord
 
@@ -39,11 +40,12 @@ class OrtGraph:
     """One ONNX Runtime session. ``run`` is thread-safe (ORT sessions allow concurrent ``run``)."""
 
     def __init__(self, session, record: GraphRecord, *, kv_cache: str = KV_CONCAT, engine: str | None = None,
-                 kv_dtype: str | None = None):
+                 kv_dtype: str | None = None, int8: Int8Choice | None = None):
         self.session = session
         self.record = record
         self.kv_cache = kv_cache  # "concat" or engines.ort_optimize.KV_SHARED
         self.engine = engine  # file of the ORT engine build that was loaded, None for the portable graph
+        self.int8 = int8  # the int8 weight form loaded (calibrated int8 graphs), see runtime.backends.int8_kernels
         self.calls = 0
         self._lock = threading.Lock()
         self._inputs = [t.name for t in record.io.inputs]
@@ -136,9 +138,11 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, providers: list[str] | None = None, threads: int | None = None, optimize: bool = True,
-                 engines: bool = True):
+                 engines: bool = True, int8_kernel: str | Int8Kernel = Int8Kernel.AUTO):
         """``optimize``: ORT graph optimizations at load; ``engines``: load ORT engine builds of graphs
-        (fused attention, in-place KV cache) when the bundle has them, else the portable graphs."""
+        (fused attention, in-place KV cache) when the bundle has them, else the portable graphs;
+        ``int8_kernel``: the weight form of calibrated int8 graphs (``auto``: the exact one for this CPU,
+        see :mod:`runtime.backends.int8_kernels`)."""
         self.ort = require("onnxruntime", "cpu")
         available = self.ort.get_available_providers()
         self.providers = providers or ["CPUExecutionProvider"]
@@ -150,7 +154,12 @@ class OrtBackend:
         self.threads = threads
         self.optimize = optimize
         self.engines = engines
+        self.int8_kernel = Int8Kernel.parse(int8_kernel)
         self._fp16_warned = False
+
+    def int8_choice(self) -> Int8Choice:
+        """The int8 weight form this backend loads calibrated int8 graphs in (probes the CPU once)."""
+        return choose(self.int8_kernel, tuple(self.providers))
 
     def session_options(self):
         so = self.ort.SessionOptions()
@@ -186,12 +195,78 @@ class OrtBackend:
         found = self.engine_for(record)
         file = found[0].file if found else record.file
         path = Path(bundle) / file
+        so = self.session_options()
+        source: str | bytes = str(path)
+        int8 = None
+        if _calibrated_int8(record):
+            int8 = self.int8_choice()
+            if int8.ops:
+                external = found[1].get("external_data", []) if found else [e.file for e in record.external_data]
+                source = _weight_form_model(path, int8, set(external))
         try:
-            sess = self.ort.InferenceSession(str(path), sess_options=self.session_options(),
-                                             providers=self.providers)
+            sess = self.ort.InferenceSession(source, sess_options=so, providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise Blip2Error(f"ONNX Runtime cannot load {file}: {str(e).splitlines()[0]}") from None
         if found:
             return OrtGraph(sess, record, kv_cache=str(found[1].get("kv_cache", KV_CONCAT)), engine=file,
-                            kv_dtype=found[1].get("kv_dtype"))
-        return OrtGraph(sess, record)
+                            kv_dtype=found[1].get("kv_dtype"), int8=int8)
+        return OrtGraph(sess, record, int8=int8)
+
+
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _weight_form_model(path: Path, int8: Int8Choice, external: set[str]) -> bytes:
+    """The graph at ``path`` with its quantized-product weights in the ``int8`` form, serialized for ORT.
+
+    Rewritten in memory rather than through ``SessionOptions.add_initializer``: ORT's QDQ Conv fusion
+    reads the weight from the model before session-level initializers apply, so an override there is
+    silently ignored (and u8u8 changes types). External data (only this graph's listed files) is read
+    into the graph."""
+    onnx = require("onnx", "cpu")
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf errors
+        raise Blip2Error(f"cannot read {path.name}: {str(e).splitlines()[0]}") from None
+    for t in model.graph.initializer:
+        if t.data_location == 1:  # TensorProto.EXTERNAL: bring the values in (the bytes go to ORT)
+            t.CopyFrom(numpy_helper.from_array(_tensor(t, path.parent, external), t.name))
+    apply_weight_form(model, int8.kernel, int8.ops, numpy_helper.to_array)
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        raise Blip2Error(f"{path.name} is over 2 GiB: its {int8.kernel.value} int8 form cannot be built in memory",
+                         hint="run it with --int8-kernel u8s8 on a CPU with VNNI, or with fp32")
+    return model.SerializeToString()
+
+
+def _calibrated_int8(record: GraphRecord) -> bool:
+    """A graph whose int8 products take quantized activations (u8 x s8 on ORT's CPU kernels)."""
+    return record.precision == "int8" and record.notes.get("recipe") == "static"
+
+
+_ONNX_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 10: np.float16}
+
+
+def _tensor(t, folder: Path, allowed: set[str]) -> np.ndarray:
+    """An initializer's values; external data only from the graph's own listed files."""
+    from onnx import numpy_helper
+
+    if t.data_location != 1:  # TensorProto.DEFAULT: the values are in the graph
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    loc = info.get("location", "")
+    if loc not in allowed or Path(loc).name != loc:
+        raise Blip2Error(f"initializer {t.name} points at {loc!r}, which is not one of this graph's data files",
+                         hint="the bundle is damaged or hostile: re-export it")
+    dtype = np.dtype(_ONNX_NUMPY.get(t.data_type, np.float32))
+    count = int(np.prod(t.dims)) if len(t.dims) else 1
+    offset, length = int(info.get("offset", 0)), int(info.get("length", count * dtype.itemsize))
+    if length != count * dtype.itemsize or t.data_type not in _ONNX_NUMPY:
+        raise Blip2Error(f"initializer {t.name}: external data of {length} bytes for {count} values")
+    with open(folder / loc, "rb") as f:
+        f.seek(offset)
+        raw = f.read(length)
+    if len(raw) != length:
+        raise Blip2Error(f"initializer {t.name}: {loc} ends before its data")
+    return np.frombuffer(raw, dtype).reshape(tuple(t.dims)).copy()
