@@ -223,3 +223,96 @@ def test_unservable_processor_is_one_line_naming_the_field(change, field):
     with pytest.raises(Blip2Error, match=field) as e:
         preprocess_facts(BlipImageProcessor(**kw), 224)
     assert "\n" not in str(e.value)
+
+
+# -- layouts: shards and dtypes, missing fields, the reference version ----------------------------------
+def test_bf16_sharded_checkpoint_exports_token_identical(tmp_path):
+    """bf16 weights in shards with model.safetensors.index.json (the published fp16/bf16 uploads)."""
+    from blip2_export.export import ExportConfig, export_bundle
+    from blip2_export.modelzoo import build_random_model, checkpoint_identity, load_checkpoint, save_checkpoint
+    from blip2_export.parity import run_parity
+
+    import torch
+
+    model, tok, proc = build_random_model("tiny", seed=3)
+    ckpt = tmp_path / "bf16"
+    model.to(torch.bfloat16).save_pretrained(ckpt, max_shard_size="100KB")
+    tok.save_pretrained(ckpt)
+    proc.save_pretrained(ckpt)
+    shards = sorted(ckpt.glob("*.safetensors"))
+    assert len(shards) > 1 and (ckpt / "model.safetensors.index.json").is_file()
+    bundle = export_bundle(ckpt, tmp_path / "bundle", ExportConfig(max_context=64), progress=False)
+    from runtime.manifest import load_manifest
+
+    assert load_manifest(bundle).source["weights_sha256"] == checkpoint_identity(ckpt)
+    loaded = load_checkpoint(ckpt)
+    assert loaded[0].dtype == torch.float32  # bf16 values widened exactly
+    rep = run_parity(ckpt, bundle, prompts=("", "a photo of"), max_new_tokens=8, model_and_tokenizer=loaded,
+                     logits_diff=False, threads=1)
+    assert rep.ok and rep.exact_sequences == len(rep.generations), rep.render()
+
+
+def test_t5_without_decoder_start_is_one_line_naming_the_field():
+    from blip2_export.export import model_facts
+    from blip2_export.modelzoo import build_random_model
+    from runtime.errors import Blip2Error
+
+    model, tok, _ = build_random_model("tiny", llm="t5")
+    facts = model_facts(model, tok)
+    assert facts.decoder_start_token_id == 0 and facts.bos_token_id is not None
+    for cfg in (model.config.text_config, model.language_model.config):
+        for field in ("decoder_start_token_id", "bos_token_id"):
+            if field in cfg.__dict__:
+                delattr(cfg, field)
+    for gen in (model.generation_config, model.language_model.generation_config):
+        gen.decoder_start_token_id = gen.bos_token_id = None
+    tok.bos_token = None
+    with pytest.raises(Blip2Error, match="decoder_start_token_id") as e:
+        model_facts(model, tok)
+    assert "\n" not in str(e.value)
+    # ... and generation_config.json alone is enough, as transformers reads it
+    model.generation_config.decoder_start_token_id = 0
+    assert model_facts(model, tok).decoder_start_token_id == 0
+
+
+def test_image_token_outside_the_table_is_one_line():
+    from blip2_export.export import model_facts
+    from blip2_export.modelzoo import build_random_model
+    from runtime.errors import Blip2Error
+
+    model, tok, _ = build_random_model("tiny")
+    model.config.image_token_index = 10 ** 6
+    with pytest.raises(Blip2Error, match="image_token_index"):
+        model_facts(model, tok)
+
+
+def test_parity_warns_when_the_eager_transformers_differs_from_the_export():
+    import torch
+    import transformers
+
+    from blip2_export.parity import reference_drift
+
+    same = {"transformers": transformers.__version__, "torch": torch.__version__}
+    assert reference_drift(same) == []
+    lines = reference_drift({**same, "transformers": "5.23.0"})
+    assert len(lines) == 1 and "transformers 5.23.0" in lines[0] and transformers.__version__ in lines[0]
+
+
+def test_pyproject_pins_the_reference_to_the_installed_versions():
+    """The tested ranges in pyproject.toml hold what this machine runs the tests with."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    import onnxruntime
+    import torch
+    import transformers
+    from packaging.requirements import Requirement
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in meta["dependencies"] + meta["optional-dependencies"]["export"]]
+    pins = {r.name: r.specifier for r in reqs}
+    for name, version in (("transformers", transformers.__version__), ("onnxruntime", onnxruntime.__version__),
+                          ("torch", torch.__version__.split("+")[0])):
+        assert pins[name].contains(version), f"{name} {version} outside {pins[name]}"
+        assert any(s.operator == "<" for s in pins[name]), f"{name} has no upper bound: {pins[name]}"
