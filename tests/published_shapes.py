@@ -133,13 +133,7 @@ PREPROCESSOR = {
 REDUCED = {"vision_layers": 1, "qformer_layers": 2, "llm_layers": 2, "opt_ffn_dim": 1024, "t5_d_ff": 512}
 
 # -- a varied corpus: the tokenizers are trained on it, and the round-trip strings come from it ---------
-WORDS = (
-    "a photo of the cat dog on table with two three red blue green small large picture what is in there "
-    "how many people street car tree sky water man woman person sitting standing next to top left right "
-    "Question Answer café naïve über größer straße déjà vu señor niño mañana façade smörgåsbord "
-    "東京 写真 猫 犬 テーブル 北京 图片 사진 고양이 Москва кошка собака фото Αθήνα γάτα مرحبا صورة "
-    "नमस्ते तस्वीर 🙂 🐱 🚗 ☕ €5 £3 ¥100 ½ ° © ™ "
-).split()
+WORDS = ["a", "photo", "of", "the", "cat", "dog", "on", "table", "with", "two", "three", "red", "blue", "green", "small", "large", "picture", "what", "is", "in", "there", "how", "many", "people", "street", "car", "tree", "sky", "water", "man", "woman", "person", "sitting", "standing", "next", "to", "top", "left", "right", "Question", "Answer", "café", "naïve", "über", "größer", "straße", "déjà", "vu", "señor", "niño", "mañana", "façade", "smörgåsbord", "東京", "写真", "猫", "犬", "テーブル", "北京", "图片", "사진", "고양이", "Москва", "кошка", "собака", "фото", "Αθήνα", "γάτα", "مرحبا", "صورة", "नमस्ते", "तस्वीर", "🙂", "🐱", "🚗", "☕", "€5", "£3", "¥100", "½", "°", "©", "™"]
 PUNCT = list(".,;:!?'\"()[]{}-_/\\@#%&*+=<>|~`^$")
 
 
@@ -200,8 +194,17 @@ def train_opt_tokenizer(path: Path, vocab_size: int = 1000) -> None:
 
 def train_t5_tokenizer(path: Path, vocab_size: int = 1000) -> None:
     """Unigram + Metaspace as T5's: <pad>=0 </s>=1 <unk>=2, '</s>' appended, 100 <extra_id_*>, '<image>'."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tk = Tokenizer(models.Unigram())
     tk.normalizer = normalizers.Replace(Regex(" {2,}"), " ")
@@ -224,8 +227,16 @@ def train_t5_tokenizer(path: Path, vocab_size: int = 1000) -> None:
 
 def train_bert_tokenizer(path: Path, vocab_size: int = 800) -> None:
     """WordPiece as bert-base-uncased's: [PAD]=0 .. , '[CLS] $A [SEP]', lower-cased, '<image>' added."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -256,8 +267,12 @@ def write_checkpoint(path: Path, family: str, *, dtype: str = "float32", max_sha
     ``max_shard_size`` splits them into shards with a ``model.safetensors.index.json``.
     """
     import torch
-    from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
-    from transformers import Blip2ForImageTextRetrieval
+    from transformers import (
+        AutoTokenizer,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2ForImageTextRetrieval,
+    )
 
     from blip2_export.modelzoo import damp_tied_embeddings, init_blip2_weights
 

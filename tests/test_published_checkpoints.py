@@ -13,7 +13,6 @@ import json
 
 import numpy as np
 import pytest
-
 from published_shapes import PREPROCESSOR, varied_strings, write_checkpoint, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -55,7 +54,7 @@ def captioner(request, tmp_path_factory):
 def test_facts_come_from_the_published_fields(captioner):
     from runtime.manifest import load_manifest
 
-    ckpt, bundle, (model, tok, _) = captioner
+    ckpt, bundle, (_, tok, _) = captioner
     m = load_manifest(bundle).model
     raw = json.loads((ckpt / "config.json").read_text())
     t = raw["text_config"]
@@ -135,7 +134,7 @@ def test_tokenizer_round_trip_1000_strings(captioner):
 
 
 def test_tokenizer_framing_is_the_published_one(captioner):
-    _, bundle, (model, tok, _) = captioner
+    _, _, (model, tok, _) = captioner
     ids = tok("a photo").input_ids
     if model.config.use_decoder_only_language_model:
         assert ids[0] == tok.convert_tokens_to_ids("</s>") and ids[-1] != ids[0]  # OPT: </s> prepended
@@ -228,11 +227,15 @@ def test_unservable_processor_is_one_line_naming_the_field(change, field):
 # -- layouts: shards and dtypes, missing fields, the reference version ----------------------------------
 def test_bf16_sharded_checkpoint_exports_token_identical(tmp_path):
     """bf16 weights in shards with model.safetensors.index.json (the published fp16/bf16 uploads)."""
-    from blip2_export.export import ExportConfig, export_bundle
-    from blip2_export.modelzoo import build_random_model, checkpoint_identity, load_checkpoint, save_checkpoint
-    from blip2_export.parity import run_parity
-
     import torch
+
+    from blip2_export.export import ExportConfig, export_bundle
+    from blip2_export.modelzoo import (
+        build_random_model,
+        checkpoint_identity,
+        load_checkpoint,
+    )
+    from blip2_export.parity import run_parity
 
     model, tok, proc = build_random_model("tiny", seed=3)
     ckpt = tmp_path / "bf16"
