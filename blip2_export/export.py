@@ -62,6 +62,45 @@ class ExportConfig:
             raise Blip2Error("--external-data-threshold must be >= 0")
 
 
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def generation_ids(model, tokenizer) -> dict:
+    """bos / eos / pad / decoder_start ids as ``Blip2ForConditionalGeneration.generate`` uses them.
+
+    ``generate`` hands over to ``language_model.generate``, whose generation config transformers derives
+    from ``text_config``; the checkpoint's own generation_config.json fills what that leaves unset (a
+    Flan-T5 whose ``decoder_start_token_id`` lives only there), then the tokenizer's specials. A T5 config
+    from transformers' defaults has no ``bos_token_id`` at all: every read tolerates a missing field.
+    """
+    t = model.config.text_config
+    lm = getattr(model.language_model, "generation_config", None)
+    top = getattr(model, "generation_config", None)
+
+    def pick(field: str, tokenizer_value=None):
+        return _first(getattr(lm, field, None), getattr(top, field, None), getattr(t, field, None),
+                      tokenizer_value)
+
+    eos = pick("eos_token_id", tokenizer.eos_token_id)
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
+    bos = pick("bos_token_id", tokenizer.bos_token_id)
+    pad = pick("pad_token_id", tokenizer.pad_token_id)
+    start = None
+    if not model.config.use_decoder_only_language_model:
+        start = pick("decoder_start_token_id")
+        start = start if start is not None else bos  # generate falls back to bos as transformers does
+        if start is None:
+            raise Blip2Error("the Flan-T5 checkpoint has no decoder_start_token_id (nor bos_token_id), so "
+                             "generate cannot start decoding",
+                             hint="set text_config.decoder_start_token_id (0, the pad id, for T5) in config.json")
+    if not eos_ids:
+        raise Blip2Error("the checkpoint has no eos_token_id (text_config, generation_config.json or the "
+                         "tokenizer's eos_token)", hint="set text_config.eos_token_id in config.json")
+    return {"bos": None if bos is None else int(bos), "eos": eos_ids, "pad": 0 if pad is None else int(pad),
+            "decoder_start": None if start is None else int(start)}
+
+
 def model_facts(model, tokenizer) -> ModelFacts:
     cfg = model.config
     v, q, t = cfg.vision_config, cfg.qformer_config, cfg.text_config
@@ -72,9 +111,17 @@ def model_facts(model, tokenizer) -> ModelFacts:
     head_dim = getattr(t, "head_dim", None) or (hidden // heads if decoder_only else t.d_kv)
     kv_heads = getattr(t, "num_key_value_heads", None) or heads
     limit = getattr(t, "max_position_embeddings", None) or 512
-    eos = t.eos_token_id if t.eos_token_id is not None else tokenizer.eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-    pad = t.pad_token_id if t.pad_token_id is not None else (tokenizer.pad_token_id or 0)
+    emb_width = model.get_input_embeddings().weight.shape[1]
+    if emb_width != hidden:  # OPT-350m style word_embed_proj_dim: BLIP-2's projection feeds hidden_size
+        raise Blip2Error(f"text_config.word_embed_proj_dim {emb_width} differs from hidden_size {hidden}: "
+                         "BLIP-2's language_projection writes hidden_size-wide embeddings",
+                         hint="a BLIP-2 OPT needs word_embed_proj_dim == hidden_size")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    image_id = cfg.image_token_index
+    if image_id is None or not 0 <= image_id < model.get_input_embeddings().weight.shape[0]:
+        raise Blip2Error(f"image_token_index {image_id} is not a row of the {vocab}-token embedding table",
+                         hint="set image_token_index in config.json to the tokenizer's <image> id")
+    ids = generation_ids(model, tokenizer)
     return ModelFacts(
         family=(Family.DECODER_ONLY if decoder_only else Family.ENCODER_DECODER).value,
         llm_type=t.model_type,
@@ -87,27 +134,58 @@ def model_facts(model, tokenizer) -> ModelFacts:
         llm_layers=t.num_hidden_layers if decoder_only else t.num_decoder_layers,
         llm_heads=kv_heads,
         head_dim=head_dim,
-        vocab_size=model.get_output_embeddings().weight.shape[0],
+        vocab_size=vocab,
         max_context=limit,
-        bos_token_id=t.bos_token_id if t.bos_token_id is not None else tokenizer.bos_token_id,
-        eos_token_ids=tuple(int(e) for e in eos_ids if e is not None),
-        pad_token_id=int(pad),
-        image_token_id=cfg.image_token_index,
-        decoder_start_token_id=None if decoder_only else t.decoder_start_token_id,
+        bos_token_id=ids["bos"],
+        eos_token_ids=ids["eos"],
+        pad_token_id=ids["pad"],
+        image_token_id=image_id,
+        decoder_start_token_id=ids["decoder_start"],
     )
 
 
 def preprocess_facts(image_processor, image_size: int) -> Preprocess:
-    size = dict(image_processor.size or {})
-    h, w = size.get("height", image_size), size.get("width", image_size)
+    """The checkpoint's image processor as the runtime replays it (runtime/preprocess.py).
+
+    Every value comes from the processor transformers loaded (preprocessor_config.json over the class
+    defaults); a switch the runtime does not replay (center crop, padding, aspect-keeping sizes) is one
+    error naming the field.
+    """
+    name = "preprocessor_config.json"
+    for flag in ("do_center_crop", "do_pad", "do_reduce_labels"):
+        if getattr(image_processor, flag, None):
+            raise Blip2Error(f"{name}: {flag} is true, which the runtime's preprocessing does not replay",
+                             hint=f"set {flag} to false (BLIP-2 processors resize to a square)")
+    size = image_processor.size
+    get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
+    h, w = get("height", None), get("width", None)
+    if h is None or w is None:
+        shown = {k: v for k, v in (size.items() if isinstance(size, dict) else vars(size).items()) if v}
+        raise Blip2Error(f"{name}: size {shown} is not a fixed height and width",
+                         hint=f'set "size": {{"height": {image_size}, "width": {image_size}}}')
+    if (int(h), int(w)) != (image_size, image_size):
+        raise Blip2Error(f"{name}: size {h}x{w} differs from vision_config.image_size {image_size}",
+                         hint=f'set "size": {{"height": {image_size}, "width": {image_size}}}')
     names = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-    resample = getattr(image_processor, "resample", 3)
+    resample = getattr(image_processor, "resample", None)
+    resample = 2 if resample is None else resample  # transformers resizes with BILINEAR when unset
+    try:
+        resample_name = names[int(resample)]
+    except (KeyError, TypeError, ValueError):
+        raise Blip2Error(f"{name}: resample {resample!r} is not a PIL filter (0..5)") from None
+    mean, std = image_processor.image_mean, image_processor.image_std
+    mean = [mean] * 3 if isinstance(mean, (int, float)) else list(mean)
+    std = [std] * 3 if isinstance(std, (int, float)) else list(std)
+    if len(mean) != 3 or len(std) != 3:
+        raise Blip2Error(f"{name}: image_mean and image_std need 3 values (RGB), got {mean} and {std}")
     return Preprocess(
-        height=int(h), width=int(w), resample=names.get(int(resample), "bicubic"),
+        height=int(h), width=int(w), resample=resample_name,
         rescale_factor=float(image_processor.rescale_factor),
-        mean=tuple(float(x) for x in image_processor.image_mean),
-        std=tuple(float(x) for x in image_processor.image_std),
+        mean=tuple(float(x) for x in mean), std=tuple(float(x) for x in std),
         convert_rgb=bool(getattr(image_processor, "do_convert_rgb", True)),
+        do_resize=bool(getattr(image_processor, "do_resize", True)),
+        do_rescale=bool(getattr(image_processor, "do_rescale", True)),
+        do_normalize=bool(getattr(image_processor, "do_normalize", True)),
     )
 
 

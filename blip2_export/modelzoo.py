@@ -156,9 +156,7 @@ def init_blip2_weights(model, seed: int = 0) -> None:
 
 
 def make_image_processor(spec: ModelSpec):
-    from transformers import BlipImageProcessor
-
-    return BlipImageProcessor(
+    return _image_processor_class()(
         size={"height": spec.image_size, "width": spec.image_size}, resample=3,
         image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,
     )
@@ -215,6 +213,23 @@ def make_random_checkpoint(path: str | Path, preset: str | ModelSpec = "tiny", s
     return save_checkpoint(model, tok, proc, path)
 
 
+def _image_processor_class():
+    """transformers' PIL BLIP processor: the one that reproduces the published models' preprocessing.
+
+    ``BlipImageProcessor`` runs its torchvision backend when torchvision is installed (its resize differs
+    from PIL's by up to ~1e-2 after normalisation) and falls back to this class otherwise; the runtime
+    replays the PIL one, so parity compares against it whatever else is installed.
+    """
+    try:
+        from transformers import BlipImageProcessorPil
+
+        return BlipImageProcessorPil
+    except ImportError:  # an older transformers: BlipImageProcessor is the PIL one
+        from transformers import BlipImageProcessor
+
+        return BlipImageProcessor
+
+
 def load_checkpoint(path: str | Path, dtype: str = "float32"):
     """Load ``(model, tokenizer, image_processor)`` from a local transformers BLIP-2 folder.
 
@@ -223,7 +238,7 @@ def load_checkpoint(path: str | Path, dtype: str = "float32"):
     BLIP-2 checkpoint.
     """
     import torch
-    from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, BlipImageProcessor
+    from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
 
     path = Path(path)
     if not path.is_dir():
@@ -244,6 +259,16 @@ def load_checkpoint(path: str | Path, dtype: str = "float32"):
         raise Blip2Error(f"{path} is a stage-1 retrieval checkpoint ({RETRIEVAL_ARCHITECTURE}), not a "
                          "captioning one", hint="load it with load_retrieval_checkpoint")
     config = Blip2Config.from_pretrained(path)
+    proc_file = path / "processor_config.json"
+    if proc_file.is_file():  # Blip2Processor expands <image> this many times: it must be the model's count
+        try:
+            nq = json.loads(proc_file.read_text()).get("num_query_tokens")
+        except (json.JSONDecodeError, AttributeError):
+            raise Blip2Error(f"{proc_file} is not a JSON object") from None
+        if nq is not None and nq != config.num_query_tokens:
+            raise Blip2Error(f"processor_config.json num_query_tokens {nq} differs from config.json "
+                             f"num_query_tokens {config.num_query_tokens}",
+                             hint=f"set num_query_tokens to {config.num_query_tokens} in processor_config.json")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if config.image_token_index is None:
         # Older published checkpoints predate the <image> placeholder; generate in transformers 5 needs one.
@@ -255,9 +280,9 @@ def load_checkpoint(path: str | Path, dtype: str = "float32"):
     model = Blip2ForConditionalGeneration.from_pretrained(path, config=config, dtype=getattr(torch, dtype))
     model.eval()
     if (path / "preprocessor_config.json").is_file():
-        image_processor = BlipImageProcessor.from_pretrained(path)
+        image_processor = _image_processor_class().from_pretrained(path)
     else:
-        image_processor = BlipImageProcessor(
+        image_processor = _image_processor_class()(
             size={"height": config.vision_config.image_size, "width": config.vision_config.image_size},
             resample=3, image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
         )
@@ -353,7 +378,7 @@ def make_random_retrieval_checkpoint(path: str | Path, preset: str | ModelSpec =
 def load_retrieval_checkpoint(path: str | Path):
     """Load ``(model, tokenizer, image_processor)`` from a local ``Blip2ForImageTextRetrieval`` folder."""
     import torch
-    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval, BlipImageProcessor
+    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -369,8 +394,8 @@ def load_retrieval_checkpoint(path: str | Path):
     vision: Any = model.config.vision_config
     size = int(vision.image_size)
     if (path / "preprocessor_config.json").is_file():
-        image_processor = BlipImageProcessor.from_pretrained(path)
+        image_processor = _image_processor_class().from_pretrained(path)
     else:
-        image_processor = BlipImageProcessor(size={"height": size, "width": size}, resample=3,
+        image_processor = _image_processor_class()(size={"height": size, "width": size}, resample=3,
                                              image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
     return model, tokenizer, image_processor

@@ -67,6 +67,7 @@ class ParityReport:
     thresholds: Thresholds
     stages: list[StageResult] = field(default_factory=list)
     generations: list[GenResult] = field(default_factory=list)
+    reference_drift: list[str] = field(default_factory=list)  # eager versions that differ from the export's
 
     @property
     def token_agreement(self) -> float:
@@ -131,6 +132,32 @@ def _stage(name: str, ref: np.ndarray, got: np.ndarray, t: Thresholds) -> StageR
     return StageResult(name, max_abs, cos, bool(ok and np.isfinite(max_abs)))
 
 
+def reference_drift(exported: dict[str, str]) -> list[str]:
+    """How the eager side here differs from the one the bundle was exported and checked against.
+
+    ``exported`` is the manifest's ``versions``; the answer names each of transformers / torch whose
+    version differs (one line each), [] when they agree or the manifest does not say.
+    """
+    import torch
+    import transformers
+
+    here = {"transformers": transformers.__version__, "torch": torch.__version__}
+    return [f"the eager reference runs {name} {here[name]}, but the bundle was exported with {name} "
+            f"{exported[name]}: a difference may come from {name}, not from the bundle"
+            for name in ("transformers", "torch") if exported.get(name) and exported[name] != here[name]]
+
+
+def warn_reference_drift(exported: dict[str, str]) -> list[str]:
+    import warnings
+
+    from runtime.errors import Blip2Warning
+
+    drift = reference_drift(exported)
+    for line in drift:
+        warnings.warn(line, Blip2Warning, stacklevel=3)
+    return drift
+
+
 def list_images(folder: str | Path | None, count: int = 8) -> list:
     """Image files in ``folder`` (sorted), or ``count`` deterministic synthetic images."""
     from PIL import Image
@@ -171,6 +198,7 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
     rt = Blip2Runtime(bundle, precision=precision, backend=backend, **backend_options)
     t = THRESHOLDS[precision]
     report = ParityReport(precision, backend, num_beams, batch, max_new_tokens, t)
+    report.reference_drift = warn_reference_drift(rt.manifest.versions)
     files = list(images) if images is not None else list_images(None)
     names = [str(getattr(f, "filename", f)) if not isinstance(f, (str, Path)) else Path(f).name for f in files]
     pil = [load_image(f) for f in files]
@@ -194,6 +222,12 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
     jobs = [(i, p) for i in range(len(pil)) for p in prompts]
     nq, image_id = model.config.num_query_tokens, model.config.image_token_index
     decoder_only = model.config.use_decoder_only_language_model
+    # The special ids the exporter resolved (text_config, then generation_config.json, then the tokenizer),
+    # given to eager generate too: both sides stop and start on the same tokens by construction.
+    facts = rt.manifest.model
+    special_ids: dict = {"eos_token_id": list(facts.eos_token_ids), "pad_token_id": facts.pad_token_id}
+    if not decoder_only:
+        special_ids["decoder_start_token_id"] = facts.decoder_start_token_id
     it = range(0, len(jobs), batch)
     if progress:
         from tqdm import tqdm
@@ -214,9 +248,9 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
                 with torch.no_grad():
                     out = model.generate(pixel_values=pv_ref[i:i + 1], input_ids=ids,
                                          attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                         do_sample=False, num_beams=num_beams)
+                                         do_sample=False, num_beams=num_beams, **special_ids)
                 ref = out[0, ids.shape[1]:].tolist() if decoder_only else out[0, 1:].tolist()
-                ref = _trim(ref, model.config.text_config.eos_token_id, rt.manifest.model.pad_token_id)
+                ref = _trim(ref, list(facts.eos_token_ids), facts.pad_token_id)
                 if eager_cache is not None:
                     eager_cache[key] = ref
             agree = sum(a == b for a, b in zip(ref, g.token_ids))
@@ -370,6 +404,7 @@ def run_retrieval_parity(checkpoint: str | Path, bundle: str | Path, *, images=N
     model, tokenizer, processor = model_and_tokenizer or load_retrieval_checkpoint(checkpoint)
     model = model.float().eval()
     rt = RetrievalRuntime(bundle, precision=precision, backend=backend, **backend_options)
+    warn_reference_drift(rt.manifest.versions)
     files = list(images) if images is not None else list_images(None)
     pil = [load_image(f) for f in files]
     texts = list(texts)

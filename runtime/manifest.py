@@ -110,6 +110,10 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     convert_rgb: bool = True
+    # The processor's do_* switches (BlipImageProcessor: all on); a bundle without them had them on.
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
 
 
 @dataclass(frozen=True)

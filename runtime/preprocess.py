@@ -1,7 +1,18 @@
 """Image loading and preprocessing, identical to the checkpoint's BLIP image processor.
 
-resize (PIL, on 8-bit RGB) -> rescale (1/255) -> normalize (mean/std) -> CHW float32, as
-transformers' ``BlipImageProcessor`` does; the settings come from the manifest.
+What transformers' ``BlipImageProcessor`` (PIL backend, what it runs without torchvision) does, step
+for step, with the switches and values its config gave the exporter (manifest ``preprocess``):
+
+1. convert_rgb: an image with an alpha band or a ``transparency`` entry (RGBA, LA, PA, P or RGB with
+   tRNS) is alpha-composited onto white, then made RGB; every other mode goes through PIL's
+   ``convert("RGB")``, which clips 16-bit and 32-bit grey (``I;16``, ``I``, ``F``) at 255 and
+   converts CMYK and YCbCr as PIL does.
+2. resize with PIL to (height, width) and the processor's resample filter, on the 8-bit image.
+3. rescale: float64 times ``rescale_factor``, then float32.
+4. normalize: ``(x - mean) / std`` in float32.
+
+``load_image`` applies the EXIF orientation (as ``transformers.image_utils.load_image`` does), so a
+photo taken sideways reaches the model upright; the processor itself never reads EXIF.
 """
 
 from __future__ import annotations
@@ -125,37 +136,42 @@ def _from_array(arr: np.ndarray):
 
 
 def to_rgb(img):
-    """Convert any PIL mode to 8-bit RGB (16-bit and float images are scaled, not clipped)."""
+    """8-bit RGB exactly as transformers' ``convert_to_rgb`` makes it (see the module docstring)."""
     from PIL import Image
 
     if img.mode == "RGB":
         return img
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        a = np.clip(a / hi * 255.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        return img.convert("RGBA").convert("RGB")
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
 
 
 def preprocess(images: list, cfg: Preprocess) -> np.ndarray:
     """Images (anything :func:`load_image` takes) -> pixel_values float32 [B, 3, H, W]."""
     out = np.empty((len(images), 3, cfg.height, cfg.width), dtype=np.float32)
-    mean = np.asarray(cfg.mean, dtype=np.float64)[:, None, None]
-    std = np.asarray(cfg.std, dtype=np.float64)[:, None, None]
+    mean = np.asarray(cfg.mean, dtype=np.float32)
+    std = np.asarray(cfg.std, dtype=np.float32)
     for i, src in enumerate(images):
         img = load_image(src)
         try:
             if cfg.convert_rgb:
                 img = to_rgb(img)
-            img = img.resize((cfg.width, cfg.height), resample=_RESAMPLE.get(cfg.resample, 3))
+            elif img.mode != "RGB":
+                raise InputError(f"image {i} is {img.mode}, and this checkpoint's processor does not convert "
+                                 "images to RGB (do_convert_rgb is false): give RGB images")
+            if cfg.do_resize:
+                img = img.resize((cfg.width, cfg.height), resample=_RESAMPLE.get(cfg.resample, 3))
+            elif img.size != (cfg.width, cfg.height):
+                raise InputError(f"image {i} is {img.width}x{img.height}; this checkpoint's processor does not "
+                                 f"resize (do_resize is false), so it must be {cfg.width}x{cfg.height}")
         except (OSError, ValueError) as e:  # a mode PIL cannot convert, a frame that fails to decode late
             raise InputError(f"image {i} ({img.mode} {img.width}x{img.height}) cannot be used: {e}") from None
-        a = np.asarray(img, dtype=np.uint8)
-        if a.ndim == 2:
-            a = np.repeat(a[:, :, None], 3, axis=2)
-        chw = a.transpose(2, 0, 1).astype(np.float64) * cfg.rescale_factor
-        out[i] = ((chw.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32))
+        chw = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+        x = (chw.astype(np.float64) * cfg.rescale_factor).astype(np.float32) if cfg.do_rescale \
+            else chw.astype(np.float32)
+        if cfg.do_normalize:  # transformers: ((x.T - mean) / std).T in float32
+            x = ((x.T - mean) / std).T
+        out[i] = x
     return out

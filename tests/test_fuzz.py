@@ -396,12 +396,17 @@ def test_one_by_one_and_extreme_aspect(pre):
         _check_pixels(preprocess([np.full(shape, 200, np.uint8)], pre), pre)
 
 
-def test_sixteen_bit_array_is_scaled_like_a_sixteen_bit_file(tmp_path, pre):
+def test_sixteen_bit_file_reads_as_the_processor_and_array_is_scaled(tmp_path, pre):
+    """A 16-bit PNG goes through PIL's convert("RGB") as in transformers' processor (clipped at 255: the
+    eager reference's pixels); a uint16 numpy array, which transformers refuses, is scaled to 8 bits."""
     a = (np.linspace(0, 65535, 16 * 16).reshape(16, 16)).astype(np.uint16)
     Image.fromarray(a).save(tmp_path / "d.png")
     from_file = preprocess([tmp_path / "d.png"], pre)
+    clipped = preprocess([np.clip(a, 0, 255).astype(np.uint8)], pre)
+    assert np.abs(from_file - clipped).max() < 1e-6
     from_array = preprocess([a], pre)
-    assert np.abs(from_file - from_array).max() < 0.05  # not clipped to white
+    scaled = preprocess([(a.astype(np.float64) * 255 / 65535).round().astype(np.uint8)], pre)
+    assert np.abs(from_array - scaled).max() < 1e-6
     assert from_array.max() - from_array.min() > 3.0
 
 
