@@ -44,6 +44,7 @@ AVX2_CPU = "EPYC-Rome"  # AMD Zen 2: AVX2, no AVX512, no VNNI (qemu 7.2's TCG ru
 
 
 def _calib(folder: Path, n: int = 4) -> Path:
+    """The first ``n`` synthetic images (held-out checks use images after them)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(list_images(None, count=n)):
         img.save(folder / f"calib-{i}.png")
@@ -244,8 +245,8 @@ def published_width_bundle(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("published-width")
     ckpt = make_random_checkpoint(root / "ckpt", "published", seed=0, llm_layers=1, llm_ffn=2560)
-    bundle = export_bundle(ckpt, root / "bundle", ExportConfig(max_context=64, max_batch=2), progress=False)
-    build_bundle(bundle, BuildConfig(precision="int8", backend="ort", calib_images=_calib(root / "calib", 4)),
+    bundle = export_bundle(ckpt, root / "bundle", ExportConfig(max_context=64, max_batch=4), progress=False)
+    build_bundle(bundle, BuildConfig(precision="int8", backend="ort", calib_images=_calib(root / "calib", 12)),
                  progress=False)
     return bundle
 
@@ -256,13 +257,13 @@ def test_int8_accuracy_at_published_widths(published_width_bundle):
     and (as u8u8, the same values) an AVX2-only one; u8s7 is exact there too."""
     bundle = published_width_bundle
     f32 = Blip2Runtime(bundle, precision="fp32", threads=2)
-    pv = f32.pixel_values(list_images(None, count=2))
+    pv = f32.pixel_values(list_images(None, count=16)[12:])  # held out from the 12 calibration images
     e32 = f32.image_embeds(pv)
     p32 = f32.graph(GraphName.QFORMER).run({"image_embeds": e32})["visual_prefix"]
     assert e32.shape[-1] == 1408 and p32.shape[-1] == 2560
     for kernel in KERNELS:
         rt = Blip2Runtime(bundle, precision="int8", int8_kernel=kernel, threads=2)
         emb = rt.image_embeds(pv)
-        pre = rt.image_features(pv)  # the int8 Q-Former on the int8 vision output: the path a user runs
+        pre = rt.image_features(pv)  # int8 vision -> int8 Q-Former, as parity's visual_prefix stage
         assert _cos(emb, e32) >= 0.9995, (kernel, _cos(emb, e32))
         assert _cos(pre, p32) >= 0.9995, (kernel, _cos(pre, p32))

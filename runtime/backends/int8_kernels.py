@@ -67,6 +67,10 @@ REDUCED_MAX = 64  # |w| after halving: 255 * 64 * 2 = 32640 <= 32767
 
 # -- what the CPU is ---------------------------------------------------------------------------------
 _X86_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+# /proc/cpuinfo "CPU part" of ARM cores an edge box may have (Arm Ltd. implementer 0x41)
+_ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72",
+              "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76", "0xd0c": "Neoverse-N1",
+              "0xd40": "Neoverse-V1", "0xd41": "Cortex-A78", "0xd42": "Cortex-A78AE", "0xd4f": "Neoverse-V2"}
 _ARM_FLAGS = ("asimd", "asimddp", "i8mm", "fphp", "asimdhp", "sve")
 
 
@@ -86,8 +90,10 @@ def cpu_features() -> dict:
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu part") and not model:
+        if key == "model name" and not model:
             model = value.strip()
+        elif key == "cpu part" and not model:
+            model = _ARM_PARTS.get(value.strip().lower(), f"ARM part {value.strip()}")
         elif key in ("flags", "features"):
             flags.update(value.split())
     known = _X86_FLAGS + _ARM_FLAGS
