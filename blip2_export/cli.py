@@ -217,26 +217,38 @@ def run(bundle, images, prompts, precision, backend, threads, stream, as_json, v
     if len(plist) not in (1, len(images)):
         raise Blip2Error(f"{len(plist)} prompts for {len(images)} images: give one prompt, or one per image")
     callback = None
-    if stream and len(images) == 1:
+    beams = gen.get("num_beams") or rt.manifest.generation.num_beams
+    streaming = stream and not as_json and len(images) == 1 and beams == 1
+    if stream and not streaming:
+        click.echo("warning: --stream shows one image's greedy or sampled text as it is generated; with "
+                   f"{'--json' if as_json else 'several images' if len(images) > 1 else 'beam search'} "
+                   "the results are printed when they are complete", err=True)
+    if streaming:
         done: list[int] = []
+        shown = [""]
 
         def callback(step, tokens):
-            if tokens[0] is not None:
-                done.append(tokens[0])
-                text = rt.tokenizer.decode(done)
-                click.echo("\r" + text, nl=False)
+            if tokens[0] is None:
+                return
+            done.append(tokens[0])
+            text = rt.tokenizer.decode(done)
+            if text.startswith(shown[0]):  # print what is new (a pipe gets the text once, not rewrites)
+                click.echo(text[len(shown[0]):], nl=False)
+                shown[0] = text
 
     results = rt.generate(list(images), plist if len(plist) > 1 else plist[0], stream=callback,
                           **{k: v for k, v in gen.items() if v is not None})
     if verbose:
         for line in rt.describe_loaded():
             click.echo(line, err=True)
-    if callback is not None:
-        click.echo()
+    if streaming:
+        rest = results[0].text[len(shown[0]):] if results[0].text.startswith(shown[0]) else ""
+        click.echo(rest)
+        return
     for img, r in zip(images, results):
         if as_json:
             click.echo(json.dumps({"image": img, "text": r.text, "token_ids": r.token_ids, "finished": r.finished}))
-        elif not stream:
+        else:
             click.echo(f"{img}: {r.text}" if len(images) > 1 else r.text)
 
 
