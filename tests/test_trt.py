@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 
 from runtime.backends.trt import tensorrt_status
@@ -52,7 +53,7 @@ def test_trt_engines_recorded_and_parity(trt_bundle, tiny_checkpoint, tiny_model
 
 
 def test_int8_engine_builds_from_qdq_graph(trt_bundle, tmp_path):
-    from blip2_export.parity import list_images
+    from blip2_export.parity import THRESHOLDS, list_images
     from engines.build import BuildConfig, build_bundle
     from runtime.pipeline import Blip2Runtime
 
@@ -63,5 +64,11 @@ def test_int8_engine_builds_from_qdq_graph(trt_bundle, tmp_path):
     build_bundle(trt_bundle, BuildConfig(precision="int8", backend="trt", calib_images=calib, max_batch=4,
                                          max_context=96), progress=False)
     rt = Blip2Runtime(trt_bundle, precision="int8", backend="trt")
-    out = rt.generate(list_images(None, count=1), "", max_new_tokens=4)
-    assert len(out[0].token_ids) >= 1
+    images = list_images(None, count=2)
+    out = rt.generate(images, "", max_new_tokens=4)
+    assert all(len(o.token_ids) == 4 or o.finished for o in out)
+    # the engine computes what ONNX Runtime computes from the same Q/DQ graphs (both int8, int32 sums)
+    ort = Blip2Runtime(trt_bundle, precision="int8", backend="ort", engines=False)
+    got, want = rt.image_features(images).astype(np.float64), ort.image_features(images).astype(np.float64)
+    cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    assert cosine >= THRESHOLDS["int8"].stage_cosine, cosine
