@@ -50,8 +50,7 @@ def export_bundle_retrieval(checkpoint, out: str | Path, config, *, progress: bo
                             model_and_tokenizer=None) -> Path:
     import json
 
-
-    from blip2_export.export import _export_one, _progress, write_manifest
+    from blip2_export.bundle_writer import export_graph, progress_bar, write_manifest
     from blip2_export.graphs import VisionGraph
     from blip2_export.graphs_retrieval import ImageFeaturesGraph, ItmGraph, TextFeaturesGraph
     from blip2_export.modelzoo import load_retrieval_checkpoint
@@ -79,8 +78,8 @@ def export_bundle_retrieval(checkpoint, out: str | Path, config, *, progress: bo
     ]
     with atomic_directory(out, force=config.force) as tmp:
         graphs = {}
-        for name, module, io in _progress(plans, progress, "export"):
-            graphs[name.value] = _export_one(tmp, name, module, io, TRACE_SIZES, config)
+        for name, module, io in progress_bar(plans, progress, "export"):
+            graphs[name.value] = export_graph(tmp, name, module, io, TRACE_SIZES, config)
         tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         special = {"cls_token": tokenizer.cls_token or tokenizer.bos_token,
                    "sep_token": tokenizer.sep_token or tokenizer.eos_token,

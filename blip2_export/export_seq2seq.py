@@ -9,6 +9,7 @@ write) is shared with the decoder-only exporter in :mod:`blip2_export.export`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ TRACE_SIZES = {"batch": 2, "enc_seq": 6, "seq": 3, "past": 4, "total": 7}
 def export_bundle_seq2seq(checkpoint, out: Path, config, model, tokenizer, image_processor, facts: ModelFacts,
                           *, progress: bool = True) -> Path:
 
-    from blip2_export.export import _export_one, _progress, _replace, write_manifest, write_text_side
+    from blip2_export.bundle_writer import export_graph, progress_bar, write_manifest, write_text_side
     from blip2_export.graphs import QFormerGraph, VisionGraph
     from blip2_export.graphs_seq2seq import (
         CrossKVGraph,
@@ -40,7 +41,7 @@ def export_bundle_seq2seq(checkpoint, out: Path, config, model, tokenizer, image
     if facts.decoder_start_token_id is None:
         raise Blip2Error("the T5 config has no decoder_start_token_id; set it in the checkpoint's text_config")
     max_ctx = min(config.max_context or facts.max_context, facts.max_context)
-    facts = _replace(facts, max_context=max_ctx)
+    facts = dataclasses.replace(facts, max_context=max_ctx)
     model = model.float().eval()
     lm = model.language_model
     m = facts
@@ -63,8 +64,8 @@ def export_bundle_seq2seq(checkpoint, out: Path, config, model, tokenizer, image
     ]
     with atomic_directory(out, force=config.force) as tmp:
         graphs = {}
-        for name, module, io in _progress(plans, progress, "export"):
-            graphs[name.value] = _export_one(tmp, name, module, io, TRACE_SIZES, config)
+        for name, module, io in progress_bar(plans, progress, "export"):
+            graphs[name.value] = export_graph(tmp, name, module, io, TRACE_SIZES, config)
         files = write_text_side(tmp, model, tokenizer)
         dec = decoder_embeddings(lm)
         if dec.data_ptr() != model.get_input_embeddings().weight.data_ptr():
