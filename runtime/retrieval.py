@@ -31,7 +31,7 @@ from runtime.errors import BundleError, InputError, LimitError
 from runtime.integrity import atomic_write_bytes
 from runtime.manifest import Manifest, load_manifest
 from runtime.preprocess import ImageLike, preprocess
-from runtime.text import TextTokenizer
+from runtime.text import load_text
 
 TEXT_FEATURES_FORMAT = 1
 
@@ -149,7 +149,7 @@ class RetrievalRuntime:
         for g in self.manifest.required_graphs():
             self.manifest.graph(g, precision)  # fails early if one is missing
         self.backend = create_backend(backend, **backend_options)
-        self.tokenizer = TextTokenizer(self.bundle / self.manifest.files["tokenizer"].file)
+        self.tokenizer = load_text(self.bundle, self.manifest, verify)[0]
         self._graph_set = GraphSet(self.bundle, self.manifest, precision, self.backend, verify)
         self._graphs = self._graph_set.loaded
 
