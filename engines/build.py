@@ -250,7 +250,7 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
         updated = dataclasses.replace(manifest, graphs=new_graphs)
         updated.validate()
         atomic_write_text(bundle / MANIFEST_NAME, updated.dumps())
-        _remove_stale(bundle, old_files - _files_of_all(updated) - set(new_files) - _role_files(updated))
+        remove_stale_files(bundle, old_files - _files_of_all(updated) - set(new_files) - _role_files(updated))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     final = load_manifest(bundle, verify=True)
@@ -262,7 +262,7 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
     return report
 
 
-def _remove_stale(bundle: Path, names: set[str]) -> None:
+def remove_stale_files(bundle: Path, names: set[str]) -> None:
     """Delete the old files of the rebuilt precision that the new manifest no longer lists.
 
     Only plain names of regular files directly in the bundle's real folder (``BundleFiles.resolve``: no

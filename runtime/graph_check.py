@@ -157,3 +157,25 @@ def _external(t, data_files: dict[str, int], where: str) -> ExternalTensor:
                           f"[{offset}, {offset + length}) of {printable(loc)} ({data_files[loc]} bytes) for "
                           f"{count} values", hint="the bundle is damaged or hostile: re-export it")
     return ExternalTensor(t.name, loc, offset, length, t.data_type, tuple(int(d) for d in t.dims))
+
+
+def check_bundle_graphs(bundle, manifest, *, verify: bool = True) -> int:
+    """Walk every ONNX graph the manifest lists (portable graphs and ORT engine builds) as the runtime
+    would before loading it: an external-data location that is not one of the graph's own listed files
+    (an unlisted, unhashed file in the bundle, or one outside it) is refused. Returns the graphs walked."""
+    from runtime.bundle_files import BundleFiles
+
+    files = BundleFiles(bundle, verify=verify)
+    walked = 0
+    for graphs in manifest.graphs.values():
+        for rec in graphs.values():
+            targets = [(rec.file, rec.sha256, [e.file for e in rec.external_data])]
+            info = rec.notes.get("ort_engine")
+            for e in rec.engines:
+                if e.backend == "ort" and isinstance(info, dict) and e.file == info.get("file"):
+                    targets.append((e.file, e.sha256, list(info.get("external_data", []))))
+            for file, digest, data in targets:
+                raw = files.read(file, digest, limit=2**31 - 1, what="graph", as_bytes=True)
+                check_graph(parse_graph(raw, file), {n: files.size(n) for n in data}, file)
+                walked += 1
+    return walked

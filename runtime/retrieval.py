@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends import GraphSet, create_backend
+from runtime.bundle_files import printable
 from runtime.contract import Family, GraphName
 from runtime.errors import BundleError, InputError, LimitError
 from runtime.integrity import atomic_write_bytes
@@ -78,12 +80,18 @@ class TextSet:
         if not path.is_file():
             raise InputError(f"text features file not found: {path}")
         try:
+            _check_npz_sizes(path)
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 feats, ids, texts = z["feats"], z["ids"], [str(t) for t in z["texts"]]
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        except InputError:
+            raise
+        except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError, zipfile.BadZipFile) as e:
             raise InputError(f"{path} is not a text features file written by 'retrieve "
-                             f"--save-text-features': {e}") from None
+                             f"--save-text-features': {printable(str(e))[:200]}") from None
+        if not isinstance(meta, dict) or feats.dtype.kind != "f" or ids.dtype.kind not in "iu" or ids.ndim != 2:
+            raise InputError(f"{path} is not a text features file written by 'retrieve --save-text-features' "
+                             "(wrong field types)")
         if meta.get("format") != TEXT_FEATURES_FORMAT:
             raise InputError(f"{path} has text features format {meta.get('format')}, this version reads "
                              f"{TEXT_FEATURES_FORMAT}", hint="compute them again with --save-text-features")
@@ -92,6 +100,28 @@ class TextSet:
             raise InputError(f"{path} is inconsistent: {len(texts)} texts, {len(rows)} id rows, "
                              f"features of shape {feats.shape}")
         return TextSet(texts, rows, feats.astype(np.float32), str(meta.get("bundle_key", "")))
+
+
+MAX_TEXT_FEATURES_BYTES = 1 << 30  # a million captions' features; more is not a file we wrote
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse a ``.npz`` whose arrays would unpack to more than :data:`MAX_TEXT_FEATURES_BYTES` (a few MB of
+    zip can declare gigabytes), before any array is read."""
+    with zipfile.ZipFile(path) as zf:
+        total = 0
+        for info in zf.infolist():
+            total += info.file_size
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(f))
+            if dtype.hasobject or int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > info.file_size:
+                raise InputError(f"{path}: array {printable(info.filename)} of shape {shape} does not fit its "
+                                 "stored size", hint="compute the features again with --save-text-features")
+        if total > MAX_TEXT_FEATURES_BYTES:
+            raise InputError(f"{path} unpacks to {total} bytes, over the {MAX_TEXT_FEATURES_BYTES}-byte limit for "
+                             "text features", hint="split the captions into several files")
 
 
 @dataclass(frozen=True)

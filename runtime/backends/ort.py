@@ -290,9 +290,7 @@ def _ort_copies_external_initializers() -> bool:
     ort = _ort()
     from onnx import TensorProto, helper
 
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4], vals=b"", raw=True)
-    w.ClearField("raw_data")
-    w.data_location = TensorProto.EXTERNAL
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
     for k, v in (("location", "probe.data"), ("offset", "0"), ("length", "16")):
         e = w.external_data.add()
         e.key, e.value = k, v
