@@ -362,7 +362,7 @@ def test_embedding_table_is_private_memory(bundle_copy):
     """Editing or truncating embed_tokens.npy after load changes nothing (no live mmap, no SIGBUS)."""
     rt = Blip2Runtime(bundle_copy)
     before = rt.caption(IMG, max_new_tokens=6)
-    assert not rt.embed.flags.writeable and not isinstance(rt.embed, np.memmap)
+    assert not isinstance(rt.embed, np.memmap)
     path = bundle_copy / "embed_tokens.npy"
     size = path.stat().st_size
     with open(path, "r+b") as f:  # in place: same inode, what a live mmap would see
