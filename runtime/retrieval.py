@@ -29,6 +29,7 @@ import numpy as np
 from runtime.backends import GraphSet, create_backend
 from runtime.bundle_files import printable
 from runtime.contract import Family, GraphName
+from runtime.deadline import DEFAULT_TIMEOUT_S, deadline
 from runtime.errors import BundleError, InputError, LimitError
 from runtime.integrity import atomic_write_bytes
 from runtime.manifest import Manifest, load_manifest
@@ -124,6 +125,17 @@ def _check_npz_sizes(path: Path) -> None:
                              "text features", hint="split the captions into several files")
 
 
+def _timed(method):
+    """Run a RetrievalRuntime call under the runtime's per-call deadline (``runtime.deadline``)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with deadline(self.timeout):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 @dataclass(frozen=True)
 class Match:
     index: int  # the matched text (i2t) or image (t2i)
@@ -167,9 +179,10 @@ def rank(scores: np.ndarray, k: int, itm: Callable[[list[tuple[int, int]]], np.n
 
 class RetrievalRuntime:
     def __init__(self, bundle: str | Path, *, precision: str = "fp32", backend: str = "ort", verify: bool = True,
-                 **backend_options):
+                 timeout: float | None = DEFAULT_TIMEOUT_S, **backend_options):
         self.bundle = Path(bundle)
         self.verify = verify
+        self.timeout = timeout  # wall-clock seconds per call of encode_images / encode_texts / retrieve
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         if self.manifest.family is not Family.RETRIEVAL:
             raise BundleError(f"{self.bundle} is not a retrieval bundle (its family is "
@@ -202,6 +215,7 @@ class RetrievalRuntime:
             yield slice(start, min(n, start + self.max_batch))
 
     # -- images ----------------------------------------------------------------------------------
+    @_timed
     def encode_images(self, images: Sequence[ImageLike] | np.ndarray, names: Sequence[str] | None = None) -> ImageSet:
         """Images (paths, PIL, arrays) or pixel_values [N,3,H,W] -> :class:`ImageSet`."""
         pixel_values = images if isinstance(images, np.ndarray) and images.ndim == 4 else None
@@ -241,6 +255,7 @@ class RetrievalRuntime:
             mask[i, :len(r)] = 1
         return ids, mask
 
+    @_timed
     def encode_texts(self, texts: Sequence[str]) -> TextSet:
         texts = list(texts)
         if not texts:
@@ -278,6 +293,7 @@ class RetrievalRuntime:
                                                       "attention_mask": mask})["itm_logits"])
         return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
 
+    @_timed
     def retrieve(self, images: ImageSet, texts: TextSet, *, rerank_top_k: int = 16,
                  directions: Sequence[str] = ("i2t", "t2i")) -> RetrievalResult:
         """ITC ranking both ways, the ``rerank_top_k`` best of each re-ranked with ITM (0: ITC only).

@@ -499,8 +499,9 @@ def test_deadline_terminates_a_running_ort_graph():
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-                                .SerializeToString(), so, providers=["CPUExecutionProvider"])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what ORT 1.18+ reads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     rec = GraphRecord("vision", "slow.onnx", "0" * 64, GraphIO((TensorSpec("x0", "float32", (n, n)),),
                                                                 (TensorSpec("y", "float32", (n, n)),)))
     graph = OrtGraph(sess, rec)
