@@ -210,6 +210,9 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
     bundle = Path(bundle)
     say = echo or (lambda s: None)
     manifest = load_manifest(bundle, verify=True)
+    from runtime.graph_check import check_bundle_graphs
+
+    check_bundle_graphs(bundle, manifest)  # before onnx.load follows any external-data path in a transform
     config.validate(manifest)
     backend = config.resolved_backend()
     prec = config.precision

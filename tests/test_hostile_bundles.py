@@ -121,6 +121,8 @@ def test_external_data_outside_the_listed_files_is_refused_by_our_walk(bundle_co
         check_bundle_graphs(bundle_copy, load_manifest(bundle_copy))
     assert_refused(*cli(capsys, "run", bundle_copy, "-i", IMG, "--max-new-tokens", "3"), match="vision.onnx")
     assert_refused(*cli(capsys, "inspect", bundle_copy), match="listed data files")  # never "checksums: ok"
+    assert_refused(*cli(capsys, "build", bundle_copy, "--precision", "fp16", "--backend", "ort"),
+                   match="listed data files")  # the fp16 transform never loads it
 
 
 def test_listed_external_data_symlink_is_refused(bundle_copy, secret, capsys):
