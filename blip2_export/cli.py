@@ -18,6 +18,22 @@ from runtime.errors import Blip2Error
 EXIT_USER_ERROR = 2
 
 
+def _echo(message: object = "", *, err: bool = False, nl: bool = True, prefix: str = "", one_line: bool = False):
+    """``click.echo`` for everything this CLI prints: text from a bundle, a model or a file name may hold
+    terminal escapes (``ESC]0;...BEL`` retitles a terminal), so C0/C1 control characters are replaced
+    (keeping line breaks and tabs, or only tabs with ``one_line``)."""
+    from runtime.bundle_files import printable
+
+    text = str(message)
+    if one_line:
+        text = " ".join(text.splitlines())
+    lines = text.split("\n")
+    _click_echo(prefix + "\n".join("\t".join(printable(p) for p in ln.split("\t")) for ln in lines), err=err, nl=nl)
+
+
+_click_echo = click.echo
+
+
 class _Group(click.Group):
     def list_commands(self, ctx):  # keep the order commands were added: the pipeline's order
         return list(self.commands)
@@ -77,14 +93,16 @@ def export(checkpoint, out, max_batch, max_context, max_new_tokens, opset, exter
 
 
 def _summary(bundle: Path) -> None:
+    from runtime.bundle_files import BundleFiles
     from runtime.manifest import load_manifest
 
-    m = load_manifest(bundle, verify=False)
-    click.echo(f"bundle written: {bundle}")
+    m = load_manifest(bundle, verify=False)  # every name resolves inside the bundle, checked or not
+    files = BundleFiles(bundle, verify=False)
+    _echo(f"bundle written: {bundle}")
     for prec, graphs in m.graphs.items():
         for name, g in graphs.items():
-            size = (bundle / g.file).stat().st_size + sum(e.bytes for e in g.external_data)
-            click.echo(f"  {prec:<5} {name:<16} {g.file:<28} {size / 1e6:9.2f} MB")
+            size = files.size(g.file) + sum(e.bytes for e in g.external_data)
+            _echo(f"  {prec:<5} {name:<16} {g.file:<28} {size / 1e6:9.2f} MB")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,8 +167,8 @@ def build(bundle, precision, backend, calib_images, calib_prompts, calib_method,
                       calib_limit=calib_limit, llm_int8=llm_int8, ort_int8=ort_int8,
                       ort_kv_cache=ort_kv_cache, force=force)
     cfg.validate()
-    report = build_bundle(bundle, cfg, progress=True, echo=click.echo)
-    click.echo(report.render())
+    report = build_bundle(bundle, cfg, progress=True, echo=_echo)
+    _echo(report.render())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,14 +223,16 @@ def _generation_options(f):
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Say on stderr which graph files were loaded and which int8 kernel form this CPU runs.")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds the generation may take before it is stopped with an error.")
 @_int8_kernel_option
 @_generation_options
-def run(bundle, images, prompts, precision, backend, threads, stream, as_json, verbose, int8_kernel, **gen):
+def run(bundle, images, prompts, precision, backend, threads, stream, as_json, verbose, timeout, int8_kernel, **gen):
     """Caption images or answer prompts about them with a BUNDLE (no torch needed)."""
     from runtime.pipeline import Blip2Runtime
 
     opts = _backend_options(backend, threads, int8_kernel)
-    rt = Blip2Runtime(bundle, precision=precision, backend=backend, **opts)
+    rt = Blip2Runtime(bundle, precision=precision, backend=backend, timeout=timeout, **opts)
     plist = list(prompts) or [""]
     if len(plist) not in (1, len(images)):
         raise Blip2Error(f"{len(plist)} prompts for {len(images)} images: give one prompt, or one per image")
@@ -220,7 +240,7 @@ def run(bundle, images, prompts, precision, backend, threads, stream, as_json, v
     beams = gen.get("num_beams") or rt.manifest.generation.num_beams
     streaming = stream and not as_json and len(images) == 1 and beams == 1
     if stream and not streaming:
-        click.echo("warning: --stream shows one image's greedy or sampled text as it is generated; with "
+        _echo("warning: --stream shows one image's greedy or sampled text as it is generated; with "
                    f"{'--json' if as_json else 'several images' if len(images) > 1 else 'beam search'} "
                    "the results are printed when they are complete", err=True)
     if streaming:
@@ -233,23 +253,23 @@ def run(bundle, images, prompts, precision, backend, threads, stream, as_json, v
             done.append(tokens[0])
             text = rt.tokenizer.decode(done)
             if text.startswith(shown[0]):  # print what is new (a pipe gets the text once, not rewrites)
-                click.echo(text[len(shown[0]):], nl=False)
+                _echo(text[len(shown[0]):], nl=False)
                 shown[0] = text
 
     results = rt.generate(list(images), plist if len(plist) > 1 else plist[0], stream=callback,
                           **{k: v for k, v in gen.items() if v is not None})
     if verbose:
         for line in rt.describe_loaded():
-            click.echo(line, err=True)
+            _echo(line, err=True)
     if streaming:
         rest = results[0].text[len(shown[0]):] if results[0].text.startswith(shown[0]) else ""
-        click.echo(rest)
+        _echo(rest)
         return
     for img, r in zip(images, results):
         if as_json:
-            click.echo(json.dumps({"image": img, "text": r.text, "token_ids": r.token_ids, "finished": r.finished}))
+            _echo(json.dumps({"image": img, "text": r.text, "token_ids": r.token_ids, "finished": r.finished}))
         else:
-            click.echo(f"{img}: {r.text}" if len(images) > 1 else r.text)
+            _echo(f"{img}: {r.text}" if len(images) > 1 else r.text)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,14 +325,14 @@ def retrieve(bundle, images_dir, texts_file, features_in, features_out, rerank_t
             return [{"index": mt.index, "score": mt.score, "itc": mt.itc, "itm": mt.itm} for mt in matches[:top]]
 
         for name, matches in zip(images.names, result.i2t):
-            click.echo(json.dumps({"image": name, "texts": [dict(r, text=texts.texts[r["index"]])
+            _echo(json.dumps({"image": name, "texts": [dict(r, text=texts.texts[r["index"]])
                                                             for r in rows(matches)]}))
         for text, matches in zip(texts.texts, result.t2i):
-            click.echo(json.dumps({"text": text, "images": [dict(r, image=images.names[r["index"]])
+            _echo(json.dumps({"text": text, "images": [dict(r, image=images.names[r["index"]])
                                                             for r in rows(matches)]}))
         return
     for line in format_result(result, images.names, texts.texts, top=top, direction=direction):
-        click.echo(line)
+        _echo(line)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,7 +375,7 @@ def parity(checkpoint, bundle, images_dir, prompts_file, precision, backend, num
         rrep = run_retrieval_parity(checkpoint, bundle, images=images, texts=texts, precision=precision,
                                     backend=backend, rerank_top_k=rerank_top_k,
                                     **_backend_options(backend, None, int8_kernel))
-        click.echo(rrep.render())
+        _echo(rrep.render())
         if report:
             save_report(rrep, report)
         if not rrep.ok:
@@ -371,7 +391,7 @@ def parity(checkpoint, bundle, images_dir, prompts_file, precision, backend, num
     rep = run_parity(checkpoint, bundle, images=images, prompts=prompts, precision=precision, backend=backend,
                      num_beams=num_beams, batch=batch, max_new_tokens=max_new_tokens, progress=True,
                      **_backend_options(backend, None, int8_kernel))
-    click.echo(rep.render())
+    _echo(rep.render())
     if report:
         save_report(rep, report)
     if not rep.ok:
@@ -388,17 +408,20 @@ def inspect(bundle, no_verify):
 
     m = load_manifest(bundle, verify=not no_verify)
     f = m.model
-    click.echo(f"bundle {bundle}: format v{m.format_version}, {f.family} ({f.llm_type}), "
+    _echo(f"bundle {bundle}: format v{m.format_version}, {f.family} ({f.llm_type}), "
                f"{f.num_query_tokens} query tokens, context {f.max_context}")
-    click.echo("dims: " + ", ".join(f"{k}=[{v.min},{v.opt},{v.max}]" for k, v in m.dims.items()))
+    _echo("dims: " + ", ".join(f"{k}=[{v.min},{v.opt},{v.max}]" for k, v in m.dims.items()))
     _summary(bundle)
+    from runtime.graph_check import check_bundle_graphs
+
+    n = check_bundle_graphs(bundle, m, verify=not no_verify)  # external data: only listed, checksummed files
     if not no_verify:
-        click.echo("checksums: ok")
+        _echo(f"checksums: ok; {n} graphs walked: external data only from listed files, operators allowed")
     if any(g.precision == "int8" and g.notes.get("recipe") == "static" for gs in m.graphs.values()
            for g in gs.values()):
         from runtime.backends.int8_kernels import choose, cpu_features
 
-        click.echo(f"int8 on this CPU ({cpu_features()['class']}): {choose().describe()}; "
+        _echo(f"int8 on this CPU ({cpu_features()['class']}): {choose().describe()}; "
                    "override with --int8-kernel")
 
 
@@ -415,7 +438,7 @@ def demo(out, preset, images, force):
     """Run the whole pipeline on an embedded default model: export, caption, parity."""
     from blip2_export.demo import run_demo
 
-    run_demo(out, preset=preset, images=list(images), force=force, echo=click.echo)
+    run_demo(out, preset=preset, images=list(images), force=force, echo=_echo)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,13 +496,13 @@ def bench(model_dir, bundle, backends, batches, new_tokens, contexts, repeats, w
     if model_preset is not None:
         need = max(max(contexts) + decode_steps + 2, 64 + new_tokens)
         build_bench_model(model_dir, bundle, model_preset, max_context=-(-need // 64) * 64 + 64,
-                          max_batch=max(8, *batches), echo=click.echo)
-    report = run_bench(model_dir, bundle, cfg, echo=click.echo)
+                          max_batch=max(8, *batches), echo=_echo)
+    report = run_bench(model_dir, bundle, cfg, echo=_echo)
     paths = write_report(report, out)
     from blip2_export.bench import render_markdown
 
-    click.echo(render_markdown(report))
-    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    _echo(render_markdown(report))
+    _echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 @cli.command()
@@ -507,7 +530,7 @@ def evaluate(bundle, data, split, precisions, limit, prompt, as_json, int8_kerne
         q = run_eval(bundle, data, split=split, precision=prec, limit=limit, prompt=prompt, progress=True,
                      int8_kernel=int8_kernel)
         if as_json:
-            click.echo(json.dumps(q.to_json()))
+            _echo(json.dumps(q.to_json()))
             continue
         line = q.render()
         score = q.exact_match if q.exact_match is not None else min(q.i2t_r1 or 0.0, q.t2i_r1 or 0.0)
@@ -515,7 +538,7 @@ def evaluate(bundle, data, split, precisions, limit, prompt, as_json, int8_kerne
             base = score
         else:
             line += f"  ({(score - base) * 100:+.1f} points vs {precisions[0]})"
-        click.echo(line)
+        _echo(line)
 
 
 def main(argv=None) -> int:
@@ -527,7 +550,7 @@ def main(argv=None) -> int:
 
     def show(message, category, *_args, **_kw):
         if issubclass(category, Blip2Warning):
-            click.echo(f"warning: {message}", err=True)
+            _echo(f"warning: {message}", err=True, one_line=True)
         else:
             shown(message, category, *_args, **_kw)
 
@@ -547,15 +570,15 @@ def _main(argv, debug: bool) -> int:
         e.show()
         return e.exit_code
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        _echo("aborted", err=True)
         return 130
     except KeyboardInterrupt:
-        click.echo("interrupted: nothing half-written was left behind", err=True)
+        _echo("interrupted: nothing half-written was left behind", err=True)
         return 130
     except Blip2Error as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        _echo(f"error: {e}", err=True, one_line=True)
         return EXIT_USER_ERROR
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1

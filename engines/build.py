@@ -210,6 +210,9 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
     bundle = Path(bundle)
     say = echo or (lambda s: None)
     manifest = load_manifest(bundle, verify=True)
+    from runtime.graph_check import check_bundle_graphs
+
+    check_bundle_graphs(bundle, manifest)  # before onnx.load follows any external-data path in a transform
     config.validate(manifest)
     backend = config.resolved_backend()
     prec = config.precision
@@ -250,8 +253,7 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
         updated = dataclasses.replace(manifest, graphs=new_graphs)
         updated.validate()
         atomic_write_text(bundle / MANIFEST_NAME, updated.dumps())
-        for stale in old_files - _files_of(graphs) - set(new_files):
-            (bundle / stale).unlink(missing_ok=True)
+        remove_stale_files(bundle, old_files - _files_of_all(updated) - set(new_files) - _role_files(updated))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     final = load_manifest(bundle, verify=True)
@@ -261,6 +263,34 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
         report.sizes.append(GraphSize(prec, name, rec.file, graph_bytes(bundle, rec),
                                       graph_bytes(bundle, fp32) if fp32 else 0))
     return report
+
+
+def remove_stale_files(bundle: Path, names: set[str]) -> None:
+    """Delete the old files of the rebuilt precision that the new manifest no longer lists.
+
+    Only plain names of regular files directly in the bundle's real folder (``BundleFiles.resolve``: no
+    symlinked file or folder, nothing outside), unlinked relative to that folder's descriptor, so a name
+    can never reach a file elsewhere even if the folder changes meanwhile."""
+    from runtime.bundle_files import BundleFiles
+
+    files = BundleFiles(bundle, verify=False)
+    fd = os.open(files.real, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        for name in sorted(names):
+            try:
+                files.resolve(name)  # re-checked right before the unlink
+            except BundleError:
+                continue
+            try:
+                os.unlink(name, dir_fd=fd) if os.unlink in os.supports_dir_fd else os.unlink(files.resolve(name))
+            except FileNotFoundError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def _role_files(manifest: Manifest) -> set[str]:
+    return {r.file for r in manifest.files.values()} | {"manifest.json"}
 
 
 def _files_of_all(manifest: Manifest) -> set[str]:

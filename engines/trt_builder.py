@@ -20,9 +20,9 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engines.onnx_utils import fresh_name
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
-from engines.onnx_utils import fresh_name
 from runtime.integrity import atomic_write_bytes
 from runtime.manifest import DimRange, EngineRecord, GraphRecord, file_record
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.contract import GraphName, past_name
-from runtime.text import load_embeddings
 
 
 @dataclass
@@ -39,9 +38,7 @@ class EncoderDecoderModel:
         self.cross_kv = runtime.graph(GraphName.CROSS_KV)
         self.decoder = runtime.graph(GraphName.SEQ2SEQ_DECODER)
         self.embed = runtime._embed_table()
-        self.dec_embed = self.embed  # T5 shares one table between encoder and decoder ...
-        if "decoder_embed_tokens" in manifest.files:  # ... unless the exporter found an untied one
-            self.dec_embed = load_embeddings(runtime.bundle / manifest.files["decoder_embed_tokens"].file)
+        self.dec_embed = self.embed if runtime.dec_embed is None else runtime.dec_embed  # read at load
         self.prefix = prefix
         self.prompt_ids = [list(ids) for ids in prompt_ids]
         self.batch = len(prompt_ids)

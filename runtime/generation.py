@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from runtime.deadline import check as check_deadline
 from runtime.errors import Blip2Error
 
 NEG_INF = -1.0e9
@@ -160,6 +161,7 @@ def _greedy_or_sample(model: StepModel, cfg: GenerationConfig, procs: _Processor
     out: list[list[int]] = [[] for _ in range(model.batch)]
     finished = np.zeros(model.batch, dtype=bool)
     for step in range(cfg.max_new_tokens):
+        check_deadline()  # a graph that never emits a stop token cannot hold the caller past the deadline
         scores = procs.logits(logits, history, step)
         nxt = procs.sample(scores) if cfg.do_sample else np.argmax(scores, axis=1).astype(np.int64)
         nxt = np.where(finished, pad, nxt)
@@ -199,6 +201,7 @@ def _beam_search(model: StepModel, cfg: GenerationConfig, procs: _Processors, pa
     batch_idx = np.arange(B)[:, None]
 
     for g in range(T):
+        check_deadline()
         history = [context[r // K] + running[r // K, r % K, :g].tolist() for r in range(B * K)]
         logp = procs.logits(_log_softmax(logits), history, g)
         V = logp.shape[1]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime import contract
+from runtime.bundle_files import BundleFiles, check_name, printable
 from runtime.contract import Family, GraphIO, GraphName, TensorSpec
 from runtime.errors import BundleError
 from runtime.integrity import sha256_file
@@ -29,6 +30,16 @@ IO_DTYPES = ("float32", "float16", "int64", "int32")  # what a graph input or ou
 KV_CACHE_MODES = ("concat", "shared_buffer")  # notes["ort_engine"]["kv_cache"], see runtime.decoder_only
 _MAX_SIZE = 1 << 24  # no model size, token id or length in a real manifest comes near this
 MAX_MANIFEST_BYTES = 16 << 20
+# Caps on what a (possibly hostile) manifest may ask the runtime to allocate or loop over. Published
+# BLIP-2 models sit far below each (224-490 px, 32 queries, 2048 positions, beams <= 5).
+MAX_IMAGE_SIDE = 4096  # pixels per side of the vision graph's input
+MAX_CONTEXT = 1 << 17  # positions
+MAX_BATCH = 1024  # rows through a graph (images x beams)
+MAX_BEAMS = 64
+MAX_NEW_TOKENS = 1 << 14
+MAX_VOCAB = 1 << 21
+MAX_HIDDEN = 1 << 16
+MAX_FILES = 4096  # file records in one manifest
 
 
 @dataclass(frozen=True)
@@ -336,11 +347,19 @@ class Manifest:
             _in_range(f"dims.{name}.max", r.max, max(r.min, 1), _MAX_SIZE)
         if "batch" in self.dims and self.dims["batch"].min < 1:
             raise BundleError("manifest dims.batch.min must be >= 1")
-        for name, digest, size in iter_files(self):
-            if size is not None:
-                _in_range(f"size of {name}", size, 0, 1 << 50)
-            if not _is_sha256(digest):
-                raise BundleError(f"manifest sha256 of {name} is not a 64-digit hex digest")
+        _in_range("model.image_size", m.image_size, 1, MAX_IMAGE_SIDE)
+        _in_range("model.max_context", m.max_context, 1, MAX_CONTEXT)
+        _in_range("model.vocab_size", m.vocab_size, 1, MAX_VOCAB)
+        for f in ("vision_hidden", "qformer_hidden", "llm_hidden", "head_dim", "embed_dim"):
+            _in_range(f"model.{f}", getattr(m, f), 1, MAX_HIDDEN)
+        for f in ("num_query_tokens", "patches", "llm_layers", "llm_heads"):
+            _in_range(f"model.{f}", getattr(m, f), 1, MAX_CONTEXT)
+        for name, r in self.dims.items():
+            _in_range(f"dims.{name}.max", r.max, 1, MAX_BATCH if name == "batch" else MAX_CONTEXT)
+        _in_range("generation.num_beams", g.num_beams, 1, min(MAX_BEAMS, self.dims["batch"].max)
+                  if "batch" in self.dims else MAX_BEAMS)
+        _in_range("generation.max_new_tokens", g.max_new_tokens, 1, MAX_NEW_TOKENS)
+        _check_files(self)
 
 
 REQUIRED_GRAPHS: dict[Family, list[GraphName]] = {
@@ -356,6 +375,37 @@ def _in_range(what: str, value: int, lo: int, hi: int) -> None:
         raise BundleError(f"manifest {what}={value} is out of range [{lo}, {hi}]")
 
 
+def _check_files(m: Manifest) -> None:
+    """Every file record: a plain name, a sha256 digest, and one role (a file is one record of one graph,
+    or one of ``files``: never both a graph and a tokenizer, never listed twice)."""
+    roles: dict[str, str] = {}
+    for count, (role, name, digest, size) in enumerate(iter_roles(m), 1):
+        if count > MAX_FILES:
+            raise BundleError(f"manifest lists over {MAX_FILES} files; a bundle holds a few dozen")
+        check_name(name)
+        if size is not None:
+            _in_range(f"size of {printable(name)}", size, 0, 1 << 50)
+        if not _is_sha256(digest):
+            raise BundleError(f"manifest sha256 of {printable(name)} is not a 64-digit hex digest")
+        if name in roles:
+            raise BundleError(f"manifest lists {printable(name)} as {roles[name]} and as {role}: each bundle file "
+                              "has one role", hint="the bundle is damaged or hostile: re-export it")
+        roles[name] = role
+
+
+def iter_roles(m: Manifest):
+    """(role, file name, sha256, size or None) of every file record of the manifest."""
+    for key, rec in m.files.items():
+        yield f"files.{key}", rec.file, rec.sha256, rec.bytes
+    for prec, graphs in m.graphs.items():
+        for gname, g in graphs.items():
+            yield f"the {prec} {gname} graph", g.file, g.sha256, None
+            for ext in g.external_data:
+                yield f"external data of the {prec} {gname} graph", ext.file, ext.sha256, ext.bytes
+            for e in g.engines:
+                yield f"an engine of the {prec} {gname} graph", e.file, e.sha256, None
+
+
 def _is_sha256(s: str) -> bool:
     return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
 
@@ -366,8 +416,10 @@ def _check_ort_engine(prec: str, rec: GraphRecord) -> None:
     if info is None:
         return
     engine_files = {e.file for e in rec.engines}
+    ext = info.get("external_data", []) if isinstance(info, dict) else None
     if not isinstance(info, dict) or info.get("file") not in engine_files \
-            or info.get("kv_cache", "concat") not in KV_CACHE_MODES:
+            or info.get("kv_cache", "concat") not in KV_CACHE_MODES \
+            or not isinstance(ext, list) or any(e not in engine_files or e == info.get("file") for e in ext):
         raise BundleError(f"{prec} graph {rec.name!r}: notes.ort_engine must name one of its engine files "
                           f"({', '.join(sorted(engine_files)) or 'none'}) and a kv_cache of "
                           f"{', '.join(KV_CACHE_MODES)}")
@@ -456,16 +508,18 @@ def load_manifest(bundle: str | Path, *, verify: bool = True) -> Manifest:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise BundleError(f"{path} is {path.stat().st_size} bytes; a manifest is never over "
                               f"{MAX_MANIFEST_BYTES} (is this the right file?)")
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(BundleFiles(bundle, verify=False).read(MANIFEST_NAME, None, limit=MAX_MANIFEST_BYTES,
+                                                                what="manifest").decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path} is not valid JSON: {e}") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits (Python's int conversion limit)
+        raise BundleError(f"{path} is not a manifest: {str(e).splitlines()[0][:120]}") from None
     except RecursionError:
         raise BundleError(f"{path} is not a manifest: its JSON is nested too deeply") from None
     except OSError as e:
         raise BundleError(f"cannot read {path}: {e.strerror or e}") from None
     m = Manifest.from_json(raw)
-    if verify:
-        verify_files(bundle, m)
+    verify_files(bundle, m, verify=verify)  # names resolve inside the bundle even without verify
     return m
 
 
@@ -487,28 +541,15 @@ def iter_files(m: Manifest):
             yield from graph_files(g)
 
 
-def verify_files(bundle: Path, m: Manifest) -> None:
-    _verify(bundle, iter_files(m))
+def verify_files(bundle: Path, m: Manifest, *, verify: bool = True) -> None:
+    """Every listed file is a plain name of a regular file in the bundle; with ``verify`` each distinct file
+    is hashed once against its record."""
+    BundleFiles(bundle, verify=verify).verify_all(iter_files(m))
 
 
 def verify_graph(bundle: Path, g: GraphRecord) -> None:
-    """Check one graph's files again right before they are loaded (a bundle may change under a service)."""
-    _verify(bundle, graph_files(g))
-
-
-def _verify(bundle: Path, files) -> None:
-    for name, digest, size in files:
-        p = bundle / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"manifest names a file outside the bundle: {name}")
-        if not p.is_file():
-            raise BundleError(f"bundle file missing: {name}", hint="re-export the bundle")
-        if size is not None and p.stat().st_size != size:
-            raise BundleError(f"bundle file {name} has {p.stat().st_size} bytes, the manifest says {size}: "
-                              "it was truncated or modified", hint="re-export the bundle")
-        if sha256_file(p) != digest:
-            raise BundleError(f"bundle file {name} does not match its checksum: it was modified or corrupted",
-                              hint="re-export the bundle")
+    """Check one graph's files again (the backends re-check the bytes they load: see BundleFiles.read)."""
+    BundleFiles(bundle).verify_all(graph_files(g))
 
 
 def file_record(bundle: Path, name: str) -> FileRecord:

@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends import GraphSet, create_backend
+from runtime.bundle_files import BundleFiles
 from runtime.contract import Family, GraphName
+from runtime.deadline import DEFAULT_TIMEOUT_S, deadline
 from runtime.errors import Blip2Error, InputError, LimitError
 from runtime.generation import GenerationConfig, StreamCallback, generate
 from runtime.manifest import Manifest, load_manifest
 from runtime.preprocess import ImageLike, preprocess
-from runtime.text import TextTokenizer, load_embeddings
+from runtime.text import load_table, load_text
 
 
 @dataclass
@@ -37,9 +39,11 @@ class Generation:
 
 class Blip2Runtime:
     def __init__(self, bundle: str | Path, *, precision: str = "fp32", backend: str = "ort",
-                 verify: bool = True, **backend_options):
+                 verify: bool = True, timeout: float | None = DEFAULT_TIMEOUT_S, **backend_options):
+        """``timeout``: wall-clock seconds each call (generate, image_features, ...) may take (None: no limit)."""
         self.bundle = Path(bundle)
         self.verify = verify
+        self.timeout = timeout
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         if self.manifest.family is Family.RETRIEVAL:
             raise Blip2Error(f"{self.bundle} is a retrieval bundle: it ranks images against texts and does not "
@@ -47,9 +51,9 @@ class Blip2Runtime:
         self.precision = precision
         self.manifest.graph(self.manifest.required_graphs()[0], precision)  # fails early if missing
         self.backend = create_backend(backend, **backend_options)
-        self.tokenizer = TextTokenizer(self.bundle / self.manifest.files["tokenizer"].file)
-        self.embed = load_embeddings(self.bundle / self.manifest.files["embed_tokens"].file) \
-            if "embed_tokens" in self.manifest.files else None
+        self.tokenizer, self.embed = load_text(self.bundle, self.manifest, verify)
+        # T5 shares one table between encoder and decoder, unless the exporter found an untied one
+        self.dec_embed = load_table(BundleFiles(self.bundle, verify=verify), self.manifest, "decoder_embed_tokens")
         self._graph_set = GraphSet(self.bundle, self.manifest, precision, self.backend, verify)
         self._graphs = self._graph_set.loaded
 
@@ -89,9 +93,10 @@ class Blip2Runtime:
         """Visual prefix [B, num_query_tokens, llm_hidden] (vision + Q-Former + projection).
 
         ``images`` may also be preprocessed pixel_values [B,3,H,W]."""
-        pv = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.pixel_values(images)
-        embeds = self.image_embeds(pv)
-        return self.graph(GraphName.QFORMER).run({"image_embeds": embeds})["visual_prefix"]
+        with deadline(self.timeout):
+            pv = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.pixel_values(images)
+            embeds = self.image_embeds(pv)
+            return self.graph(GraphName.QFORMER).run({"image_embeds": embeds})["visual_prefix"]
 
     # -- generation --------------------------------------------------------------------------------
     def generation_config(self, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
@@ -128,8 +133,12 @@ class Blip2Runtime:
         """Generate for a batch. ``prompts`` may be one string (used for every image) or one per image.
 
         Pass ``prefix`` (from :meth:`image_features`) instead of ``images`` to reuse image features; a
-        prefix with one row is shared by every prompt.
+        prefix with one row is shared by every prompt. The whole call runs under ``timeout``.
         """
+        with deadline(self.timeout):
+            return self._generate(images, prompts, config, prefix, stream, overrides)
+
+    def _generate(self, images, prompts, config, prefix, stream, overrides) -> list[Generation]:
         config = self.generation_config(config, **overrides)
         if prefix is None:
             if images is None:
@@ -149,6 +158,11 @@ class Blip2Runtime:
         self._check_batch(n)
         if config.num_beams > 1:
             self.manifest.dims["batch"].check("batch x num_beams", n * config.num_beams, "--max-batch")
+        exp = (self.manifest.model.num_query_tokens, self.manifest.model.llm_hidden)
+        if prefix.ndim != 3 or tuple(prefix.shape[1:]) != exp:
+            raise Blip2Error(f"visual prefix of shape {tuple(prefix.shape)}; the model facts give "
+                             f"[batch, {exp[0]}, {exp[1]}]", hint="the bundle's Q-Former does not match its "
+                                                                 "manifest: re-export the bundle")
         ids = self.encode_prompts(prompts, config)
         model = self._step_model(prefix, ids, config.max_new_tokens)
         m = self.manifest.model
@@ -179,3 +193,4 @@ class Blip2Runtime:
         """Several prompts about one image: vision and Q-Former run once."""
         prefix = self.image_features([image])
         return [g.text for g in self.generate(prompts=list(prompts), prefix=prefix, **overrides)]
+

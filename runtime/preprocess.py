@@ -44,6 +44,7 @@ ImageLike = Union[str, os.PathLike, bytes, np.ndarray, "PIL.Image.Image"]  # noq
 
 # Refuse absurd images before decoding them (decompression bombs): 16k x 16k pixels.
 MAX_PIXELS = 16384 * 16384
+MAX_WIDE_PIXELS = MAX_PIXELS // 4  # 16- and 32-bit images (modes I;16, I, F)
 
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
@@ -89,6 +90,10 @@ def load_image(src: ImageLike):
             raise InputError(f"{name} has no pixels")
         if img.width * img.height > MAX_PIXELS:  # from the header: refuse before decoding (memory)
             raise InputError(f"{name} of {img.width}x{img.height} is too large (over {MAX_PIXELS} pixels)")
+        if img.mode.startswith(("I", "F")) and img.width * img.height > MAX_WIDE_PIXELS:
+            # 16- and 32-bit pixels are scaled through 32-bit copies: a quarter of the pixels, same memory
+            raise InputError(f"{name} of {img.width}x{img.height} {img.mode} pixels is too large (over "
+                             f"{MAX_WIDE_PIXELS} pixels of 16 or 32 bits)")
         img.load()
     except InputError:
         raise

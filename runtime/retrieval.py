@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends import GraphSet, create_backend
+from runtime.bundle_files import printable
 from runtime.contract import Family, GraphName
+from runtime.deadline import DEFAULT_TIMEOUT_S, deadline
 from runtime.errors import BundleError, InputError, LimitError
 from runtime.integrity import atomic_write_bytes
 from runtime.manifest import Manifest, load_manifest
 from runtime.preprocess import ImageLike, preprocess
-from runtime.text import TextTokenizer
+from runtime.text import load_text
 
 TEXT_FEATURES_FORMAT = 1
 
@@ -78,12 +81,18 @@ class TextSet:
         if not path.is_file():
             raise InputError(f"text features file not found: {path}")
         try:
+            _check_npz_sizes(path)
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 feats, ids, texts = z["feats"], z["ids"], [str(t) for t in z["texts"]]
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        except InputError:
+            raise
+        except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError, zipfile.BadZipFile) as e:
             raise InputError(f"{path} is not a text features file written by 'retrieve "
-                             f"--save-text-features': {e}") from None
+                             f"--save-text-features': {printable(str(e))[:200]}") from None
+        if not isinstance(meta, dict) or feats.dtype.kind != "f" or ids.dtype.kind not in "iu" or ids.ndim != 2:
+            raise InputError(f"{path} is not a text features file written by 'retrieve --save-text-features' "
+                             "(wrong field types)")
         if meta.get("format") != TEXT_FEATURES_FORMAT:
             raise InputError(f"{path} has text features format {meta.get('format')}, this version reads "
                              f"{TEXT_FEATURES_FORMAT}", hint="compute them again with --save-text-features")
@@ -92,6 +101,39 @@ class TextSet:
             raise InputError(f"{path} is inconsistent: {len(texts)} texts, {len(rows)} id rows, "
                              f"features of shape {feats.shape}")
         return TextSet(texts, rows, feats.astype(np.float32), str(meta.get("bundle_key", "")))
+
+
+MAX_TEXT_FEATURES_BYTES = 1 << 30  # a million captions' features; more is not a file we wrote
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse a ``.npz`` whose arrays would unpack to more than :data:`MAX_TEXT_FEATURES_BYTES` (a few MB of
+    zip can declare gigabytes), before any array is read."""
+    with zipfile.ZipFile(path) as zf:
+        total = 0
+        for info in zf.infolist():
+            total += info.file_size
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(f))
+            if dtype.hasobject or int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > info.file_size:
+                raise InputError(f"{path}: array {printable(info.filename)} of shape {shape} does not fit its "
+                                 "stored size", hint="compute the features again with --save-text-features")
+        if total > MAX_TEXT_FEATURES_BYTES:
+            raise InputError(f"{path} unpacks to {total} bytes, over the {MAX_TEXT_FEATURES_BYTES}-byte limit for "
+                             "text features", hint="split the captions into several files")
+
+
+def _timed(method):
+    """Run a RetrievalRuntime call under the runtime's per-call deadline (``runtime.deadline``)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with deadline(self.timeout):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -137,9 +179,10 @@ def rank(scores: np.ndarray, k: int, itm: Callable[[list[tuple[int, int]]], np.n
 
 class RetrievalRuntime:
     def __init__(self, bundle: str | Path, *, precision: str = "fp32", backend: str = "ort", verify: bool = True,
-                 **backend_options):
+                 timeout: float | None = DEFAULT_TIMEOUT_S, **backend_options):
         self.bundle = Path(bundle)
         self.verify = verify
+        self.timeout = timeout  # wall-clock seconds per call of encode_images / encode_texts / retrieve
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         if self.manifest.family is not Family.RETRIEVAL:
             raise BundleError(f"{self.bundle} is not a retrieval bundle (its family is "
@@ -149,7 +192,7 @@ class RetrievalRuntime:
         for g in self.manifest.required_graphs():
             self.manifest.graph(g, precision)  # fails early if one is missing
         self.backend = create_backend(backend, **backend_options)
-        self.tokenizer = TextTokenizer(self.bundle / self.manifest.files["tokenizer"].file)
+        self.tokenizer = load_text(self.bundle, self.manifest, verify)[0]
         self._graph_set = GraphSet(self.bundle, self.manifest, precision, self.backend, verify)
         self._graphs = self._graph_set.loaded
 
@@ -172,6 +215,7 @@ class RetrievalRuntime:
             yield slice(start, min(n, start + self.max_batch))
 
     # -- images ----------------------------------------------------------------------------------
+    @_timed
     def encode_images(self, images: Sequence[ImageLike] | np.ndarray, names: Sequence[str] | None = None) -> ImageSet:
         """Images (paths, PIL, arrays) or pixel_values [N,3,H,W] -> :class:`ImageSet`."""
         pixel_values = images if isinstance(images, np.ndarray) and images.ndim == 4 else None
@@ -211,6 +255,7 @@ class RetrievalRuntime:
             mask[i, :len(r)] = 1
         return ids, mask
 
+    @_timed
     def encode_texts(self, texts: Sequence[str]) -> TextSet:
         texts = list(texts)
         if not texts:
@@ -248,6 +293,7 @@ class RetrievalRuntime:
                                                       "attention_mask": mask})["itm_logits"])
         return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
 
+    @_timed
     def retrieve(self, images: ImageSet, texts: TextSet, *, rerank_top_k: int = 16,
                  directions: Sequence[str] = ("i2t", "t2i")) -> RetrievalResult:
         """ITC ranking both ways, the ``rerank_top_k`` best of each re-ranked with ITM (0: ITC only).

@@ -89,9 +89,9 @@ def test_eight_threads_match_sequential(tiny_bundle, engines):
     loads: list[str] = []
     real_load = rt.backend.load
 
-    def counting_load(bundle, record):
+    def counting_load(bundle, record, *files):
         loads.append(record.name)
-        return real_load(bundle, record)
+        return real_load(bundle, record, *files)
 
     rt.backend.load = counting_load
     results, errors = _run_threads(rt, reqs)

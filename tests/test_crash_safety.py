@@ -323,7 +323,7 @@ seen = {"ckpt_step": None, "error": None, "files": sorted(os.listdir(out / "chec
         if (out / "checkpoints").is_dir() else []}
 if ckpt.exists():
     try:
-        seen["ckpt_step"] = torch.load(ckpt, map_location="cpu", weights_only=False)["step"]
+        seen["ckpt_step"] = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
     except Exception as e:
         seen["error"] = f"{type(e).__name__}: {e}"
 (out.parent / "after-kill.json").write_text(json.dumps(seen))
@@ -365,7 +365,7 @@ def test_killed_training_resumes_from_a_complete_checkpoint(tmp_path):
         got = losses(out)
         assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6], got
         assert np.allclose([v for _, v in got], [v for _, v in reference], rtol=0, atol=1e-4), (got, reference)
-        final = __import__("torch").load(out / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+        final = __import__("torch").load(out / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
         assert final["step"] == 6
         assert (out / "model").is_dir()
     print(f"\ntraining killed at: {_describe(results)}; checkpoint step left: {left}; all resumed to step 6 "

@@ -75,7 +75,7 @@ def test_kill_and_resume_latest_gives_the_same_final_weights(tiny_data, tmp_path
     assert 25 <= killed_at < steps, "the run finished before it could be killed"
     assert not (out / "model").exists()
     assert not list((out / "checkpoints").glob(".*tmp"))
-    saved_step = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["step"]
+    saved_step = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["step"]
     assert saved_step % 10 == 0 and saved_step < killed_at
 
     res = _run(_cmd(tiny_data, out, steps, extra=["--ckpt-every", "10", "--resume", "latest"]))
@@ -132,7 +132,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["latest.pt"]
     monkeypatch.undo()
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     assert state["step"] == 5 and set(state) == {"model", "optimizer", "scheduler", "step", "config"}
 
 

@@ -146,8 +146,10 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: 
     """Write the checkpoint to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Tensors and plain containers only (read back with torch.load(weights_only=True), which runs no
+    # code); the run's configuration travels as a JSON string.
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step, "config": config}
+             "scheduler": _plain(scheduler.state_dict()), "step": int(step), "config": json.dumps(config)}
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -157,6 +159,30 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _plain(state: dict) -> dict:
+    """A scheduler state without callables (LambdaLR keeps ``None`` for plain functions already)."""
+    return {k: v for k, v in state.items() if not callable(v)}
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint without running code from it (``weights_only``): ``{model, optimizer, scheduler,
+    step, config}``. A file holding anything but tensors and plain data is refused in one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, zipfile errors ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise Blip2Error(f"--resume {path}: not a checkpoint this trainer can read safely: "
+                         f"{''.join(c if c.isprintable() else '?' for c in first)[:200]}",
+                         hint="resume only from checkpoints written by blip2-train (tensors and JSON only)") from None
+    try:
+        config = state["config"]
+        out = {k: state[k] for k in ("model", "optimizer", "scheduler")}
+        out["step"], out["config"] = int(state["step"]), dict(json.loads(config) if isinstance(config, str) else config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise Blip2Error(f"--resume {path}: not a blip2-train checkpoint ({type(e).__name__}: {e})") from None
+    return out
 
 
 def resolve_resume(resume: str | None, out: Path) -> Path | None:
@@ -199,8 +225,8 @@ def train(task: Task, cfg: LoopConfig) -> list[dict]:
     ckpt = resolve_resume(cfg.resume, out)
     log_file = out / "metrics.jsonl"
     if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["config"]["task"] != run_config["task"]:
+        state = load_checkpoint(ckpt)
+        if json.loads(json.dumps(state["config"]["task"])) != json.loads(json.dumps(run_config["task"])):
             raise Blip2Error(f"checkpoint {ckpt} was written by a different task configuration",
                              hint="resume with the same flags, or start a new --out folder")
         model.load_state_dict(state["model"])

@@ -27,7 +27,7 @@ class GraphRunner(Protocol):
 class Backend(Protocol):
     name: str
 
-    def load(self, bundle: Path, record: GraphRecord) -> GraphRunner: ...
+    def load(self, bundle: Path, record: GraphRecord, files=None) -> GraphRunner: ...  # files: BundleFiles
 
 
 def create_backend(name: str = "ort", **options) -> Backend:
@@ -45,9 +45,10 @@ def create_backend(name: str = "ort", **options) -> Backend:
 class GraphSet:
     """The graphs of one bundle precision, each loaded once on first use (thread-safe).
 
-    Right before a graph is loaded its files are checked against the manifest again (when ``verify``),
-    so a file changed under a running service is refused rather than run. ``loaded`` maps graph name to
-    runner; tests and calibration may wrap a runner in place.
+    A graph's files are read once when it is loaded, and those very bytes are checked against the manifest
+    (when ``verify``) and handed to the backend (``runtime.bundle_files``), so a file changed under a running
+    service is refused rather than run, and nothing is read again by path after the check. ``loaded`` maps
+    graph name to runner; tests and calibration may wrap a runner in place.
     """
 
     def __init__(self, bundle: Path, manifest, precision: str, backend: Backend, verify: bool = True):
@@ -59,14 +60,12 @@ class GraphSet:
         self._lock = threading.Lock()
 
     def get(self, name) -> GraphRunner:
-        from runtime.manifest import verify_graph
+        from runtime.bundle_files import BundleFiles
 
         key = name.value
         if key not in self.loaded:
             with self._lock:
                 if key not in self.loaded:
                     rec = self.manifest.graph(name, self.precision)
-                    if self.verify:
-                        verify_graph(self.bundle, rec)
-                    self.loaded[key] = self.backend.load(self.bundle, rec)
+                    self.loaded[key] = self.backend.load(self.bundle, rec, BundleFiles(self.bundle, verify=self.verify))
         return self.loaded[key]

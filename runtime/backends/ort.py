@@ -12,13 +12,17 @@ fed (:attr:`OrtGraph.kv_cache`).
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from runtime import deadline as _deadline
 from runtime.backends.int8_kernels import Int8Choice, Int8Kernel, apply_weight_form, choose
+from runtime.bundle_files import BundleFiles, printable
 from runtime.errors import Blip2Error, Blip2Warning, require
+from runtime.graph_check import ExternalTensor, check_graph, parse_graph
 from runtime.manifest import EngineRecord, GraphRecord
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8}
@@ -40,8 +44,9 @@ class OrtGraph:
     """One ONNX Runtime session. ``run`` is thread-safe (ORT sessions allow concurrent ``run``)."""
 
     def __init__(self, session, record: GraphRecord, *, kv_cache: str = KV_CONCAT, engine: str | None = None,
-                 kv_dtype: str | None = None, int8: Int8Choice | None = None):
+                 kv_dtype: str | None = None, int8: Int8Choice | None = None, keep: list | None = None):
         self.session = session
+        self._keep_alive = keep or []  # external initializers, where this ORT does not copy them
         self.record = record
         self.kv_cache = kv_cache  # "concat" or engines.ort_optimize.KV_SHARED
         self.engine = engine  # file of the ORT engine build that was loaded, None for the portable graph
@@ -70,15 +75,46 @@ class OrtGraph:
             if i.type != want:
                 raise Blip2Error(f"graph {where} input {i.name} is {i.type}, the manifest says {want}",
                                  hint="re-export or rebuild the bundle")
+        outs = {o.name: o for o in session.get_outputs()}
+        if [o.name for o in session.get_outputs()] != self._outputs:
+            raise Blip2Error(f"graph {where} outputs {list(outs)} differ from the manifest's {self._outputs}",
+                             hint="re-export the bundle")
+        specs = {t.name: t for t in (*record.io.inputs, *record.io.outputs)}
+        for arg in (*session.get_inputs(), *session.get_outputs()):  # fixed dims: the graph and the model facts
+            want_dims = specs[arg.name].dims
+            got_dims = arg.shape if isinstance(arg.shape, (list, tuple)) else []
+            if len(got_dims) == len(want_dims) and any(isinstance(g, int) and isinstance(w, int) and g != w
+                                                         for g, w in zip(got_dims, want_dims)):
+                raise Blip2Error(f"graph {where}: {arg.name} has dims {list(got_dims)}, the manifest's model facts "
+                                 f"give {list(want_dims)}", hint="the manifest does not describe this graph: "
+                                                                 "re-export the bundle")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self._inputs if n not in feeds]
         if missing:
             raise Blip2Error(f"graph {self.record.name}: missing inputs {missing}")
         args = {n: np.ascontiguousarray(feeds[n], dtype=self._dtypes[n]) for n in self._inputs}
-        outs = self.session.run(self._outputs, args)
+        outs = self._guarded(lambda ro: self.session.run(self._outputs, args, ro))
         self._count()
         return dict(zip(self._outputs, outs))
+
+    def _guarded(self, call):
+        """Run ``call(run_options)`` under the request's deadline; ORT's failures become one-line errors."""
+        d = _deadline.current()
+        if d is not None:
+            d.check()
+        ro = d.ort_run_options(_ort()) if d is not None else None
+        try:
+            return call(ro)
+        except Blip2Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            if d is not None and d.expired:
+                raise d.error() from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise Blip2Error(f"ONNX Runtime failed running graph {self.engine or self.record.file}: "
+                             f"{printable(first)[:300]}", hint="the bundle's graph does not fit its manifest or this "
+                                                               "input: re-export the bundle") from None
 
     def binding(self) -> OrtBinding:
         """A new IO binding for repeated runs of this graph (one per request: not shared across threads)."""
@@ -126,7 +162,7 @@ class OrtBinding:
         """Run once; return the outputs ORT allocated (those bound to buffers are already in place)."""
         for name in self._fetch:  # a fresh ORT allocation each run: output shapes change between runs
             self._io.bind_output(name, "cpu")
-        self.graph.session.run_with_iobinding(self._io)
+        self.graph._guarded(lambda ro: self.graph.session.run_with_iobinding(self._io, ro))
         self.graph._count()
         if not self._fetch:
             return {}
@@ -182,7 +218,11 @@ class OrtBackend:
                 return e, info
         return None
 
-    def load(self, bundle: Path, record: GraphRecord) -> OrtGraph:
+    def load(self, bundle: Path, record: GraphRecord, files: BundleFiles | None = None) -> OrtGraph:
+        """Load ``record`` from the bytes checked against the manifest (read once, never again by path).
+
+        The graph is parsed and walked (:mod:`runtime.graph_check`) before ORT sees it; its external data
+        comes from the listed files, read once and checked, and reaches ORT from memory."""
         if record.precision == "fp16" and self.providers == ["CPUExecutionProvider"] and _x86() \
                 and not self._fp16_warned:
             import warnings
@@ -192,50 +232,118 @@ class OrtBackend:
                           "there and keeps fp32 copies of the weights (more memory than the fp32 graphs, fp32 "
                           "speed); on this machine use --precision fp32 (exact) or int8 (fastest)",
                           Blip2Warning, stacklevel=2)
+        files = files or BundleFiles(bundle)
         found = self.engine_for(record)
-        file = found[0].file if found else record.file
-        path = Path(bundle) / file
+        if found:
+            engine_recs = {e.file: e for e in record.engines}
+            file, digest = found[0].file, found[0].sha256
+            listed = [(n, engine_recs[n].sha256, None) for n in found[1].get("external_data", [])
+                      if n in engine_recs]
+        else:
+            file, digest = record.file, record.sha256
+            listed = [(e.file, e.sha256, e.bytes) for e in record.external_data]
+        raw = files.read(file, digest, limit=PROTOBUF_LIMIT, what="graph", as_bytes=True)
+        model = parse_graph(raw, file)
+        sizes = {name: files.size(name) for name, _, _ in listed}
+        external = check_graph(model, sizes, file)
+        data = {}
+        for name, sha, size in listed:
+            if any(t.location == name for t in external):
+                data[name] = files.read(name, sha, size, what="external data file")
         so = self.session_options()
-        source: str | bytes = str(path)
         int8 = None
+        keep: list = []
         if _calibrated_int8(record):
             int8 = self.int8_choice()
-            if int8.ops:
-                external = found[1].get("external_data", []) if found else [e.file for e in record.external_data]
-                source = _weight_form_model(path, int8, set(external))
+        if int8 is not None and int8.ops:
+            raw = _weight_form_model(model, file, int8, data, external)
+        elif external:
+            names, values = [], []
+            for t in external:
+                values.append(self.ort.OrtValue.ortvalue_from_numpy(_array(t, data[t.location])))
+                names.append(t.name)
+            so.add_external_initializers(names, values)
+            keep = [] if _ort_copies_external_initializers() else [values, data]
+        del model
         try:
-            sess = self.ort.InferenceSession(source, sess_options=so, providers=self.providers)
+            sess = self.ort.InferenceSession(raw, sess_options=so, providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            raise Blip2Error(f"ONNX Runtime cannot load {file}: {str(e).splitlines()[0]}") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise Blip2Error(f"ONNX Runtime cannot load {printable(file)}: {printable(first)[:300]}") from None
+        del raw, data, so
         if found:
             return OrtGraph(sess, record, kv_cache=str(found[1].get("kv_cache", KV_CONCAT)), engine=file,
-                            kv_dtype=found[1].get("kv_dtype"), int8=int8)
-        return OrtGraph(sess, record, int8=int8)
+                            kv_dtype=found[1].get("kv_dtype"), int8=int8, keep=keep)
+        return OrtGraph(sess, record, int8=int8, keep=keep)
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+@functools.lru_cache(maxsize=1)
+def _ort_copies_external_initializers() -> bool:
+    """Whether this ONNX Runtime copies initializers given by ``add_external_initializers`` (then the
+    caller's buffers can go once the session exists). Measured once per process on a 4-value graph."""
+    ort = _ort()
+    from onnx import TensorProto, helper
+
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", "probe.data"), ("offset", "0"), ("length", "16")):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    arr = np.ones(4, np.float32)
+    so = ort.SessionOptions()
+    so.add_external_initializers(["w"], [ort.OrtValue.ortvalue_from_numpy(arr)])
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+        arr[:] = 5.0
+        y = sess.run(None, {"x": np.zeros(4, np.float32)})[0]
+    except Exception:  # noqa: BLE001 - keep the buffers: always correct
+        return False
+    return bool(np.all(y == 1.0))
+
+
+_ONNX_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
+               9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+
+
+def _array(t: ExternalTensor, data: bytearray) -> np.ndarray:
+    """A view of an external tensor's values in the bytes read from its data file (no copy)."""
+    dtype = np.dtype(_ONNX_NUMPY[t.data_type])
+    count = t.length // dtype.itemsize
+    return np.frombuffer(data, dtype, count=count, offset=t.offset).reshape(t.dims)
 
 
 PROTOBUF_LIMIT = 2**31 - 1
 
 
-def _weight_form_model(path: Path, int8: Int8Choice, external: set[str]) -> bytes:
-    """The graph at ``path`` with its quantized-product weights in the ``int8`` form, serialized for ORT.
+def _weight_form_model(model, file: str, int8: Int8Choice, data: dict[str, bytearray],
+                       external: list[ExternalTensor]) -> bytes:
+    """``model`` (already walked) with its quantized-product weights in the ``int8`` form, serialized for ORT.
 
     Rewritten in memory rather than through ``SessionOptions.add_initializer``: ORT's QDQ Conv fusion
     reads the weight from the model before session-level initializers apply, so an override there is
-    silently ignored (and u8u8 changes types). External data (only this graph's listed files) is read
-    into the graph."""
-    onnx = require("onnx", "cpu")
+    silently ignored (and u8u8 changes types). External data (the checked bytes of the graph's own
+    listed files) is brought into the graph."""
+    require("onnx", "cpu")
     from onnx import numpy_helper
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf errors
-        raise Blip2Error(f"cannot read {path.name}: {str(e).splitlines()[0]}") from None
+    where = {t.name: t for t in external}
     for t in model.graph.initializer:
-        if t.data_location == 1:  # TensorProto.EXTERNAL: bring the values in (the bytes go to ORT)
-            t.CopyFrom(numpy_helper.from_array(_tensor(t, path.parent, external), t.name))
+        if t.name in where:
+            t.CopyFrom(numpy_helper.from_array(_array(where[t.name], data[where[t.name].location]).copy(), t.name))
     apply_weight_form(model, int8.kernel, int8.ops, numpy_helper.to_array)
     if model.ByteSize() > PROTOBUF_LIMIT:
-        raise Blip2Error(f"{path.name} is over 2 GiB: its {int8.kernel.value} int8 form cannot be built in memory",
+        raise Blip2Error(f"{file} is over 2 GiB: its {int8.kernel.value} int8 form cannot be built in memory",
                          hint="run it with --int8-kernel u8s8 on a CPU with VNNI, or with fp32")
     return model.SerializeToString()
 
@@ -243,30 +351,3 @@ def _weight_form_model(path: Path, int8: Int8Choice, external: set[str]) -> byte
 def _calibrated_int8(record: GraphRecord) -> bool:
     """A graph whose int8 products take quantized activations (u8 x s8 on ORT's CPU kernels)."""
     return record.precision == "int8" and record.notes.get("recipe") == "static"
-
-
-_ONNX_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 10: np.float16}
-
-
-def _tensor(t, folder: Path, allowed: set[str]) -> np.ndarray:
-    """An initializer's values; external data only from the graph's own listed files."""
-    from onnx import numpy_helper
-
-    if t.data_location != 1:  # TensorProto.DEFAULT: the values are in the graph
-        return numpy_helper.to_array(t)
-    info = {e.key: e.value for e in t.external_data}
-    loc = info.get("location", "")
-    if loc not in allowed or Path(loc).name != loc:
-        raise Blip2Error(f"initializer {t.name} points at {loc!r}, which is not one of this graph's data files",
-                         hint="the bundle is damaged or hostile: re-export it")
-    dtype = np.dtype(_ONNX_NUMPY.get(t.data_type, np.float32))
-    count = int(np.prod(t.dims)) if len(t.dims) else 1
-    offset, length = int(info.get("offset", 0)), int(info.get("length", count * dtype.itemsize))
-    if length != count * dtype.itemsize or t.data_type not in _ONNX_NUMPY:
-        raise Blip2Error(f"initializer {t.name}: external data of {length} bytes for {count} values")
-    with open(folder / loc, "rb") as f:
-        f.seek(offset)
-        raw = f.read(length)
-    if len(raw) != length:
-        raise Blip2Error(f"initializer {t.name}: {loc} ends before its data")
-    return np.frombuffer(raw, dtype).reshape(tuple(t.dims)).copy()

@@ -229,9 +229,12 @@ class TrtBackend:
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime: trt.Runtime = trt.Runtime(self.logger)
 
-    def load(self, bundle: Path, record: GraphRecord) -> TrtGraph:
+    def load(self, bundle: Path, record: GraphRecord, files=None) -> TrtGraph:
+        from runtime.bundle_files import BundleFiles
+
         engine_rec = select_engine(record, self.device)
-        data = (Path(bundle) / engine_rec.file).read_bytes()
+        files = files or BundleFiles(bundle)
+        data = files.read(engine_rec.file, engine_rec.sha256, what="engine", as_bytes=True)  # checked bytes
         engine = self.runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise BundleError(f"TensorRT cannot load {engine_rec.file}",
