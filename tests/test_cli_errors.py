@@ -119,10 +119,11 @@ def test_export_of_a_non_checkpoint(tmp_path, capsys):
 
 def test_interrupted_export_leaves_no_bundle(tiny_checkpoint, tmp_path, monkeypatch):
     """An exception in the middle of the export (after some graphs are written) leaves nothing at OUT."""
+    from blip2_export import bundle_writer
     from blip2_export import export as export_mod
 
     calls = {"n": 0}
-    real = export_mod.export_onnx
+    real = bundle_writer.export_onnx
 
     def failing(*a, **k):
         calls["n"] += 1
@@ -130,7 +131,7 @@ def test_interrupted_export_leaves_no_bundle(tiny_checkpoint, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(export_mod, "export_onnx", failing)
+    monkeypatch.setattr(bundle_writer, "export_onnx", failing)
     out = tmp_path / "bundle"
     with pytest.raises(KeyboardInterrupt):
         export_mod.export_bundle(tiny_checkpoint, out, progress=False)
@@ -143,7 +144,7 @@ def test_killed_export_leaves_no_complete_looking_bundle(tiny_checkpoint, tmp_pa
     out = tmp_path / "bundle"
     code = (
         "import os, signal\n"
-        "from blip2_export import export as e\n"
+        "from blip2_export import bundle_writer as e, export as x\n"
         "real = e.export_onnx\n"
         "n = [0]\n"
         "def f(*a, **k):\n"
@@ -151,7 +152,7 @@ def test_killed_export_leaves_no_complete_looking_bundle(tiny_checkpoint, tmp_pa
         "    if n[0] == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(*a, **k)\n"
         "e.export_onnx = f\n"
-        f"e.export_bundle({str(tiny_checkpoint)!r}, {str(out)!r}, progress=False)\n"
+        f"x.export_bundle({str(tiny_checkpoint)!r}, {str(out)!r}, progress=False)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert r.returncode == -9
