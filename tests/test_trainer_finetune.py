@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from hf_standard import standard_caption
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "blip2_export" / "assets" / "demo_model"

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from hf_standard import standard_caption, standard_retrieval
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "blip2_export" / "assets" / "demo_model"
