@@ -200,12 +200,83 @@ def save_checkpoint(model, tokenizer, image_processor, path: str | Path) -> Path
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
     image_processor.save_pretrained(path)
-    # Blip2Processor needs num_query_tokens to expand the image placeholder like the published checkpoints.
-    proc_cfg = {"processor_class": "Blip2Processor", "num_query_tokens": model.config.num_query_tokens}
-    (path / "processor_config.json").write_text(json.dumps(proc_cfg, indent=2))
+    write_processor_config(path, model.config.num_query_tokens)
     return path
+
+
+def write_processor_config(path: str | Path, num_query_tokens: int) -> None:
+    """``processor_config.json``: Blip2Processor expands ``<image>`` ``num_query_tokens`` times, as published."""
+    proc_cfg = {"processor_class": "Blip2Processor", "num_query_tokens": int(num_query_tokens)}
+    (Path(path) / "processor_config.json").write_text(json.dumps(proc_cfg, indent=2) + "\n")
+
+
+# tokenizer_config.json keys that only record the truncation / padding state the backend tokenizer had when it
+# was saved (the last call's ``truncation=True, max_length=...``), plus loader bookkeeping. A saved
+# ``max_length`` becomes every later call's default: Blip2Processor subtracts num_query_tokens from it and a
+# negative length fails inside the tokenizer ("OverflowError: can't convert negative int to unsigned").
+CALL_STATE_KEYS = ("max_length", "stride", "truncation_strategy", "pad_to_multiple_of", "pad_token_type_id",
+                   "is_local", "local_files_only")
+IMAGE_TOKEN = "<image>"
+
+
+def save_tokenizer(tokenizer, path: str | Path) -> None:
+    """``tokenizer.save_pretrained(path)``, then :func:`standardize_tokenizer_files` on what it wrote."""
+    tokenizer.save_pretrained(path)
+    standardize_tokenizer_files(path)
+
+
+def standardize_tokenizer_files(path: str | Path) -> list[str]:
+    """Make a folder's tokenizer files load the way ``Blip2Processor`` (transformers 5) needs; return what changed.
+
+    * no saved truncation / padding state (``tokenizer.json`` ``truncation``/``padding``, and the
+      :data:`CALL_STATE_KEYS` of ``tokenizer_config.json``);
+    * ``<image>`` is a plain added special token, not a *named* ``image_token``: transformers returns a named
+      token as a ``str``, and Blip2Processor then fails on ``image_token.content``; without the name the
+      processor takes the tokenizer's own ``<image>`` (same id) as an ``AddedToken``.
+
+    The vocabulary, ids and special tokens are unchanged.
+    """
+    path = Path(path)
+    changed: list[str] = []
+    tj = path / "tokenizer.json"
+    if tj.is_file():
+        raw = json.loads(tj.read_text())
+        if raw.get("truncation") is not None or raw.get("padding") is not None:
+            raw["truncation"] = raw["padding"] = None
+            tj.write_text(json.dumps(raw, indent=2, ensure_ascii=False))
+            changed.append("tokenizer.json: truncation/padding state")
+    tc = path / "tokenizer_config.json"
+    if not tc.is_file():
+        return changed
+    cfg = json.loads(tc.read_text())
+    for k in CALL_STATE_KEYS:
+        if k in cfg:
+            cfg.pop(k)
+            changed.append(f"tokenizer_config.json: {k}")
+    named = False
+    if cfg.pop("image_token", None) is not None:
+        named = True
+    for key in ("model_specific_special_tokens", "extra_special_tokens"):
+        d = cfg.get(key)
+        if isinstance(d, dict) and "image_token" in d:
+            d.pop("image_token")
+            named = True
+            if key == "model_specific_special_tokens" and not d:
+                cfg.pop(key)
+            elif key == "extra_special_tokens":
+                cfg[key] = list(d.values())
+    if named:
+        extra = cfg.get("extra_special_tokens")
+        extra = list(extra) if isinstance(extra, list) else []
+        if IMAGE_TOKEN not in extra:
+            extra.append(IMAGE_TOKEN)
+        cfg["extra_special_tokens"] = extra
+        changed.append("tokenizer_config.json: image_token is an added special token, not a named one")
+    if changed:
+        tc.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    return changed
 
 
 def make_random_checkpoint(path: str | Path, preset: str | ModelSpec = "tiny", seed: int = 0, **overrides: Any) -> Path:

@@ -13,6 +13,7 @@ or step by step:
     blip2-train stage1 --data runs/data --vision runs/uni/vision/model --out runs/s1
     blip2-train stage2 --data runs/data --llm runs/uni/opt/model --stage1 runs/s1/model --out runs/s2
     blip2-train eval --data runs/data --stage1 runs/s1/model --stage2 runs/s2/model
+    blip2-train finetune --init ./blip2-opt-2.7b --data ./my-photos --out runs/ft   # your own data
 
 Every training command runs as one process or under torchrun (DDP over gloo on CPU), e.g.
 ``torchrun --nproc_per_node 2 -m trainer.cli stage1 ...``, and continues after a kill with
@@ -198,6 +199,52 @@ def stage2(data_dir, llm, stage1_dir, vision, train_limit, sizes, **kw):
     kind = "t5" if AutoConfig.from_pretrained(llm).model_type == "t5" else "opt"
     _run(Stage2Task(data_dir, _spec(kind, sizes), llm, stage1_dir, vision, train_limit=train_limit,
                     seed=cfg.seed), cfg)
+
+
+@cli.command()
+@click.option("--init", "init", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Checkpoint to start from: any folder `blip2-export export` accepts (published or ours, "
+                   "OPT or Flan-T5).")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder with train.jsonl (val.jsonl optional, scored): {'image', 'caption'} or "
+                   "{'image', 'question', 'answer'} per line, image paths relative to the folder.")
+@click.option("--train-part", type=click.Choice(["qformer", "projection"]), default="qformer", show_default=True,
+              help="qformer: Q-Former + queries + projection (LAVIS); projection: the projection only.")
+@click.option("--unfreeze-vision-blocks", default=0, show_default=True, help="Also train the last N ViT blocks.")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--caption-prompt", default="a photo of", show_default=True)
+@click.option("--vqa-prompt", default="Question: {} Answer:", show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Train without the records the dataset check reports.")
+@click.option("--max-target-tokens", default=32, show_default=True, help="Longest caption / answer (tokens).")
+@click.option("--eval-limit", default=200, show_default=True, help="val.jsonl records scored (0: none).")
+@click.option("--max-new-tokens", default=12, show_default=True, help="Generation length when scoring.")
+@loop_options
+def finetune(init, data_dir, train_part, unfreeze_vision_blocks, grad_checkpointing, caption_prompt, vqa_prompt,
+             skip_bad, max_target_tokens, eval_limit, max_new_tokens, **kw):
+    """Fine-tune a BLIP-2 checkpoint on your own images (captions or questions), LAVIS-style.
+
+    Frozen ViT and LLM; the Q-Former and projection are trained. The dataset is checked first (missing or
+    unreadable images, empty texts, duplicates). OUT/model is written in the --init checkpoint's own layout
+    and exports as it is.
+    """
+    from trainer.dataset_check import check_jsonl
+    from trainer.finetune import FinetuneConfig, FinetuneTask
+    from trainer.train import setup_distributed
+
+    cfg = _loop_config(kw)
+    ft = FinetuneConfig(init=init, data=data_dir, train_part=train_part,
+                        unfreeze_vision_blocks=unfreeze_vision_blocks, grad_checkpointing=grad_checkpointing,
+                        caption_prompt=caption_prompt, vqa_prompt=vqa_prompt, skip_bad=skip_bad,
+                        max_target_tokens=max_target_tokens, eval_limit=eval_limit, max_new_tokens=max_new_tokens,
+                        seed=cfg.seed)
+    ft.validate()
+    report = check_jsonl(Path(data_dir) / "train.jsonl")
+    if setup_distributed()[0] == 0:
+        for line in report.lines():
+            click.echo(line, err=bool(report.problems))
+        if report.problems and skip_bad:
+            click.echo(f"--skip-bad: training on the {len(report.samples)} good records", err=True)
+    _run(FinetuneTask(ft, report), cfg)
 
 
 @cli.command("eval")

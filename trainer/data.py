@@ -194,3 +194,59 @@ def dataset_vocabulary(data_dir: str | Path) -> list[str]:
                         seen.add(w)
                         words.append(w)
     return words
+
+
+# -- a shifted task for fine-tuning: questions about the scenes, over image files of mixed formats --------
+VQA_QUESTIONS = {  # question -> the scene attribute that answers it (words the demo model's tokenizer knows)
+    "how many are there?": "count",
+    "what color is the shape?": "colour",
+}
+COUNT_ANSWERS = {1: "one", 2: "two", 3: "three"}
+# (suffix, PIL mode, size factor, save options): the files users have, not only 64 px PNGs
+IMAGE_FORMATS = (
+    ("png", "RGB", 1.0, {}),
+    ("jpg", "RGB", 1.5, {"quality": 92}),
+    ("png", "RGBA", 2.0, {}),  # opaque alpha band: composited onto white, the pixels stay the same
+    ("bmp", "RGB", 0.75, {}),
+    ("webp", "RGB", 1.25, {"quality": 95}),
+    ("jpg", "RGB", (1.6, 1.2), {"quality": 92}),  # not square
+)
+
+
+def scene_answer(scene: Scene, attribute: str) -> str:
+    if attribute == "count":
+        return COUNT_ANSWERS[scene.count]
+    return scene.labels()[attribute]
+
+
+def generate_vqa_dataset(out: str | Path, sizes: dict[str, int] | None = None, seed: int = 0,
+                         image_size: int = 64, force: bool = False) -> Path:
+    """Write a VQA dataset over the synthetic scenes: ``{split}.jsonl`` of ``{"image", "question", "answer"}``.
+
+    Each image gets every question of :data:`VQA_QUESTIONS` (answers: ``one``/``two``/``three``, or a colour).
+    Images are saved in the :data:`IMAGE_FORMATS` in turn (PNG, JPEG, RGBA PNG, BMP, WebP, a non-square JPEG)
+    at several sizes, so a fine-tune reads files as users have them. Deterministic in ``seed``.
+    """
+    from PIL import Image
+
+    from runtime.integrity import atomic_directory
+
+    sizes = sizes or {"train": 400, "val": 100, "test": 100}
+    with atomic_directory(out, force=force) as tmp:
+        (tmp / "images").mkdir()
+        for split_index, split in enumerate(SPLITS):
+            rng = random.Random(f"vqa-{seed}-{split_index}")
+            lines = []
+            for i in range(sizes.get(split, 0)):
+                scene = random_scene(rng)
+                suffix, mode, factor, opts = IMAGE_FORMATS[i % len(IMAGE_FORMATS)]
+                w, h = factor if isinstance(factor, tuple) else (factor, factor)
+                img = render(scene, rng, image_size).resize((round(image_size * w), round(image_size * h)),
+                                                            Image.BICUBIC).convert(mode)
+                name = f"images/{split}_{i:06d}.{suffix}"
+                img.save(tmp / name, **opts)
+                for question, attribute in VQA_QUESTIONS.items():
+                    lines.append(json.dumps({"image": name, "question": question,
+                                             "answer": scene_answer(scene, attribute)}))
+            (tmp / f"{split}.jsonl").write_text("\n".join(lines) + ("\n" if lines else ""))
+    return Path(out)

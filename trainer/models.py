@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip2_export.modelzoo import ModelSpec, make_config, make_image_processor
+from blip2_export.modelzoo import (
+    ModelSpec,
+    make_config,
+    make_image_processor,
+    save_tokenizer,
+    write_processor_config,
+)
 from runtime.errors import Blip2Error
 from trainer import losses
 
@@ -43,7 +49,9 @@ def make_tokenizer(words, llm: str = "opt"):
     from blip2_export.text_tokenizer import build_word_tokenizer
 
     if llm == "qformer":
-        return build_word_tokenizer(words, add_bos=True, add_eos=True)
+        tok = build_word_tokenizer(words, add_bos=True, add_eos=True)
+        tok.padding_side = "right"  # [CLS] first, as BERT's: Blip2Processor pads a batch of texts on the right
+        return tok
     return build_word_tokenizer(words, add_bos=llm == "opt", add_eos=llm == "t5")
 
 
@@ -272,7 +280,10 @@ class Stage1(nn.Module):
 
         path = Path(path)
         self.blip.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        save_tokenizer(self.tokenizer, path)
+        # transformers' retrieval forward reads the text after num_query_tokens <image> placeholders, which
+        # Blip2Processor only puts there when processor_config.json gives their count
+        write_processor_config(path, self.blip.config.num_query_tokens)
         (image_processor or make_image_processor(self.spec)).save_pretrained(path)
         extras = {f"itg_head.{k}": v.contiguous() for k, v in self.itg_head.state_dict().items()}
         extras["temp"] = self.temp.detach().reshape(1)

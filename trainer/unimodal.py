@@ -191,8 +191,10 @@ class TextTask:
         return {"val_loss": float(loss), "val_ppl": float(torch.exp(loss))}
 
     def save(self, model, folder):
+        from blip2_export.modelzoo import save_tokenizer
+
         model.lm.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
+        save_tokenizer(self.tokenizer, folder)
         (Path(folder) / "trainer_spec.json").write_text(json.dumps({"llm": self.spec.llm}))
 
 
