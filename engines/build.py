@@ -241,7 +241,8 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
         if backend == "trt":
             from engines.trt_builder import build_engines
 
-            graphs = build_engines(bundle, stage, graphs, config.engine_dims(manifest), config, progress=progress,
+            graphs = build_engines(bundle, stage, graphs, config.engine_dims(manifest), timing_cache=config.timing_cache,
+                                   workspace_mb=config.workspace_mb, progress=progress,
                                    echo=say, taken=_files_of_all(manifest))
             engine_names = [e.file for g in graphs.values() for e in g.engines]
         # Commit: move the new files in (under names the live manifest does not use, so nothing it

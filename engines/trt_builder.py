@@ -18,16 +18,13 @@ import threading
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engines.onnx_utils import fresh_name
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
 from runtime.integrity import atomic_write_bytes
 from runtime.manifest import DimRange, EngineRecord, GraphRecord, file_record
-
-if TYPE_CHECKING:
-    from engines.build import BuildConfig
 
 Shape = tuple[int, ...]
 
@@ -121,7 +118,7 @@ def build_engine(onnx_path: Path, out_path: Path, record: GraphRecord, dims: dic
 
 
 def build_engines(bundle: Path, stage: Path, graphs: dict[str, GraphRecord], dims: dict[str, DimRange],
-                  config: BuildConfig, *, progress: bool = True,
+                  *, timing_cache: Path | None = None, workspace_mb: int, progress: bool = True,
                   echo: Callable[[str], None] | None = None,
                   taken: AbstractSet[str] = frozenset()) -> dict[str, GraphRecord]:
     """Build one engine per graph into ``stage``; return the records with their new :class:`EngineRecord`.
@@ -140,8 +137,8 @@ def build_engines(bundle: Path, stage: Path, graphs: dict[str, GraphRecord], dim
         # One plan per graph, precision and GPU architecture; never over a file the live manifest uses.
         arch = device.compute_capability.replace(".", "")
         plan = fresh_name(set(taken), f"{name}.{rec.precision}.sm{arch}", ".plan")
-        profile = build_engine(src, stage / plan, rec, dims, timing_cache=config.timing_cache,
-                               workspace_mb=config.workspace_mb, echo=say if progress else (lambda s: None))
+        profile = build_engine(src, stage / plan, rec, dims, timing_cache=timing_cache,
+                               workspace_mb=workspace_mb, echo=say if progress else (lambda s: None))
         fr = file_record(stage, plan)
         engine = EngineRecord(file=plan, sha256=fr.sha256, backend="trt", device_name=device.name,
                               compute_capability=device.compute_capability,

@@ -87,7 +87,7 @@ def tokenize(tokenizer, texts: list[str], max_len: int = 32, eos: bool = False) 
     return ids, att
 
 
-def _init_(module: nn.Module, std: float = 0.02) -> None:
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """BERT-style init (normal 0.02, zero bias, unit norms) for freshly built trainable parts."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -107,7 +107,7 @@ def build_vision(spec: ModelSpec, tokenizer):
 
     cfg = make_config(spec, tokenizer).vision_config
     model = Blip2VisionModel(cfg)
-    _init_(model)
+    init_weights(model)
     nn.init.normal_(model.embeddings.class_embedding, std=0.02)
     nn.init.normal_(model.embeddings.position_embedding, std=0.02)
     return model
@@ -161,14 +161,14 @@ class Stage1(nn.Module):
         config.image_text_hidden_size = spec.qformer_hidden
         torch.manual_seed(seed)
         self.blip = Blip2ForImageTextRetrieval(config)
-        _init_(self.blip)
+        init_weights(self.blip)
         nn.init.normal_(self.blip.query_tokens, std=0.02)  # paper: 32 learned queries, std 0.02
         freeze(self.blip.vision_model)
         # short sequences (32 queries + a caption): plain matmul attention is several times faster on CPU
         # than SDPA's flash kernel with the explicit masks stage 1 needs
         self.blip.qformer.config._attn_implementation = "eager"
         self.itg_head = ItgHead(spec.qformer_hidden, len(tokenizer))
-        _init_(self.itg_head)
+        init_weights(self.itg_head)
         # parameters no objective uses get no gradient (DDP needs every trainable parameter used)
         if "itg" not in self.objectives:
             self.itg_head.requires_grad_(False)
@@ -387,7 +387,7 @@ class Stage2(nn.Module):
         self.spec, self.tokenizer, self.seed = spec, tokenizer, seed
         torch.manual_seed(seed)
         self.blip = Blip2ForConditionalGeneration(make_config(spec, tokenizer))
-        _init_(self.blip)
+        init_weights(self.blip)
         nn.init.normal_(self.blip.query_tokens, std=0.02)
         freeze(self.blip.vision_model)
         freeze(self.blip.language_model)
@@ -488,3 +488,12 @@ def generate_captions(blip, tokenizer, pixel_values, prompt: str = "", max_new_t
         texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
         out += [" ".join(t.split()) for t in texts]
     return out
+
+
+def load_llm(path: str | Path):
+    """Load a language-model folder written by :class:`TextTask` (OPT or T5)."""
+    from transformers import AutoConfig, OPTForCausalLM, T5ForConditionalGeneration
+
+    cfg = AutoConfig.from_pretrained(path)
+    cls = T5ForConditionalGeneration if cfg.model_type == "t5" else OPTForCausalLM
+    return cls.from_pretrained(path, dtype=torch.float32)

@@ -11,7 +11,7 @@ import torch
 from blip2_export.modelzoo import ModelSpec
 from runtime.errors import Blip2Error
 from trainer import data, evaluate
-from trainer.models import Stage1, Stage2, load_vision, make_tokenizer, spec_to_json, tokenize
+from trainer.models import Stage1, Stage2, load_llm, load_vision, make_tokenizer, spec_to_json, tokenize
 
 
 @functools.lru_cache(maxsize=8)
@@ -117,8 +117,6 @@ class Stage2Task:
                 "vision": self.vision_dir, "data": self.data_dir, "train_limit": self.train_limit, "seed": self.seed}
 
     def build(self) -> Stage2:
-        from trainer.unimodal import load_llm
-
         model = Stage2(self.spec, self.tokenizer, seed=self.seed)
         vision = load_vision(self.vision_dir) if (self.stage1_dir is None and self.vision_dir) else None
         model.load_parts(self.stage1_dir, load_llm(self.llm_dir), vision)

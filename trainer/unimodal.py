@@ -21,7 +21,7 @@ from torch import nn
 from blip2_export.modelzoo import ModelSpec, make_config, make_image_processor
 from runtime.errors import Blip2Error
 from trainer import data, losses
-from trainer.models import _init_, build_vision, make_tokenizer, spec_to_json, tokenize
+from trainer.models import build_vision, init_weights, make_tokenizer, spec_to_json, tokenize
 from trainer.tasks import cached_split, eval_split, tokenizer_words
 
 
@@ -31,7 +31,7 @@ class VisionPretrain(nn.Module):
         self.vision = build_vision(spec, tokenizer)
         self.heads = nn.ModuleDict({a: nn.Linear(spec.vision_hidden, len(v))
                                     for a, v in data.ATTRIBUTE_VALUES.items()})
-        _init_(self.heads)
+        init_weights(self.heads)
 
     def forward(self, pixel_values, labels):
         h = self.vision(pixel_values=pixel_values).last_hidden_state[:, 0]
@@ -198,10 +198,3 @@ class TextTask:
         (Path(folder) / "trainer_spec.json").write_text(json.dumps({"llm": self.spec.llm}))
 
 
-def load_llm(path: str | Path):
-    """Load a language-model folder written by :class:`TextTask` (OPT or T5)."""
-    from transformers import AutoConfig, OPTForCausalLM, T5ForConditionalGeneration
-
-    cfg = AutoConfig.from_pretrained(path)
-    cls = T5ForConditionalGeneration if cfg.model_type == "t5" else OPTForCausalLM
-    return cls.from_pretrained(path, dtype=torch.float32)
