@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_tools import manifest_file_records
 
 from blip2_export.cli import main
 from runtime.bundle_files import BundleFiles, check_name, printable
@@ -57,13 +58,8 @@ def rehash(bundle: Path) -> None:
                 rec["bytes"] = p.stat().st_size
 
     def walk(m):
-        for rec in m["files"].values():
+        for rec in manifest_file_records(m):
             fix(rec)
-        for graphs in m["graphs"].values():
-            for g in graphs.values():
-                fix(g)
-                for e in (*g.get("external_data", []), *g.get("engines", [])):
-                    fix(e)
     edit_manifest(bundle, walk)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_tools import write_calibration_images
 
 from blip2_export.cli import main
 from blip2_export.parity import list_images
@@ -43,20 +44,12 @@ QEMU = shutil.which("qemu-x86_64")
 AVX2_CPU = "EPYC-Rome"  # AMD Zen 2: AVX2, no AVX512, no VNNI (qemu 7.2's TCG runs AVX2 code)
 
 
-def _calib(folder: Path, n: int = 4) -> Path:
-    """The first ``n`` synthetic images (held-out checks use images after them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(list_images(None, count=n)):
-        img.save(folder / f"calib-{i}.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("int8-kernels")
     bundle = root / "bundle"
     shutil.copytree(tiny_bundle, bundle)
-    build_bundle(bundle, BuildConfig(precision="int8", backend="ort", calib_images=_calib(root / "calib")),
+    build_bundle(bundle, BuildConfig(precision="int8", backend="ort", calib_images=write_calibration_images(root / "calib")),
                  progress=False)
     return bundle
 
@@ -246,7 +239,7 @@ def published_width_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("published-width")
     ckpt = make_random_checkpoint(root / "ckpt", "published", seed=0, llm_layers=1, llm_ffn=2560)
     bundle = export_bundle(ckpt, root / "bundle", ExportConfig(max_context=64, max_batch=4), progress=False)
-    build_bundle(bundle, BuildConfig(precision="int8", backend="ort", calib_images=_calib(root / "calib", 12)),
+    build_bundle(bundle, BuildConfig(precision="int8", backend="ort", calib_images=write_calibration_images(root / "calib", 12)),
                  progress=False)
     return bundle
 

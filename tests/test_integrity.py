@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_tools import manifest_file_records
 
 from runtime.errors import Blip2Error, BundleError
 from runtime.integrity import sha256_file
@@ -135,13 +136,8 @@ def _plant(bundle: Path, name: str, data: bytes) -> None:
             if "bytes" in rec:
                 rec["bytes"] = len(data)
 
-    for rec in m["files"].values():
+    for rec in manifest_file_records(m):
         fix(rec)
-    for graphs in m["graphs"].values():
-        for g in graphs.values():
-            fix(g)
-            for e in (*g.get("external_data", []), *g.get("engines", [])):
-                fix(e)
     (bundle / MANIFEST_NAME).write_text(json.dumps(m))
 
 

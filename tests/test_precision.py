@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from bundle_tools import write_calibration_images
 
 from blip2_export.parity import THRESHOLDS, list_images, run_parity
 from engines.build import BuildConfig, build_bundle
@@ -18,13 +19,6 @@ from runtime.pipeline import Blip2Runtime
 PROMPTS = ("", "Question: what is in the picture? Answer:")
 
 
-def _images(folder, n=4):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(list_images(None, count=n)):
-        img.save(folder / f"calib-{i}.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def built(tiny_bundle, tmp_path_factory):
     """The tiny bundle with fp16 and int8 graphs added (built once for this module)."""
@@ -34,7 +28,7 @@ def built(tiny_bundle, tmp_path_factory):
     reports = {
         "fp16": build_bundle(bundle, BuildConfig(precision="fp16", backend="ort"), progress=False),
         "int8": build_bundle(bundle, BuildConfig(precision="int8", backend="ort",
-                                                 calib_images=_images(root / "calib")), progress=False),
+                                                 calib_images=write_calibration_images(root / "calib")), progress=False),
     }
     return bundle, reports
 
@@ -194,7 +188,7 @@ def test_int8_kv_cache_against_an_fp32_cache(built, tmp_path):
     bundle, _ = built
     exact = tmp_path / "exact"
     shutil.copytree(bundle, exact)
-    build_bundle(exact, BuildConfig(precision="int8", backend="ort", calib_images=_images(tmp_path / "calib"),
+    build_bundle(exact, BuildConfig(precision="int8", backend="ort", calib_images=write_calibration_images(tmp_path / "calib"),
                                     ort_kv_cache="fp32", force=True), progress=False)
     assert "kv_dtype" not in load_manifest(exact).graph("decoder", "int8").notes["ort_engine"]
     q8, s8, dec8 = _teacher_forced_int8(bundle)
@@ -262,7 +256,7 @@ def test_cli_run_after_build(built, tmp_path):
 
 def test_percentile_and_entropy_calibration(bundle_copy, tmp_path):
     """Every --calib-method builds; the method used (and any fallback) is written to the manifest."""
-    calib = _images(tmp_path / "calib", n=2)
+    calib = write_calibration_images(tmp_path / "calib", n=2)
     for method in ("minmax", "entropy"):
         build_bundle(bundle_copy, BuildConfig(precision="int8", backend="ort", calib_images=calib,
                                               calib_method=method, llm_int8="static", force=True),
@@ -276,7 +270,7 @@ def test_percentile_and_entropy_calibration(bundle_copy, tmp_path):
 
 
 def test_unreadable_calibration_image_leaves_bundle_untouched(bundle_copy, tmp_path):
-    calib = _images(tmp_path / "calib", n=1)
+    calib = write_calibration_images(tmp_path / "calib", n=1)
     (calib / "broken.jpg").write_bytes(b"not a jpeg")
     before = {p.name: p.read_bytes() for p in bundle_copy.iterdir()}
     with pytest.raises(InputError, match="broken.jpg"):
