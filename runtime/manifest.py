@@ -127,6 +127,10 @@ class Preprocess:
     do_normalize: bool = True
 
 
+# Preprocess fields a manifest must state (the do_* switches may be absent: older bundles had them on).
+PREPROCESS_REQUIRED = ("height", "width", "resample", "rescale_factor", "mean", "std", "convert_rgb")
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
     max_new_tokens: int = 30
@@ -213,6 +217,11 @@ class Manifest:
         try:
             model = _build(ModelFacts, d["model"], tuples=("eos_token_ids",))
             pre = _build(Preprocess, d["preprocess"], tuples=("mean", "std"))
+            missing = [k for k in PREPROCESS_REQUIRED if k not in d["preprocess"]]
+            if missing:  # a default would quietly normalise images with other constants than the model's
+                raise BundleError(f"manifest.json: preprocess.{missing[0]} is missing: the runtime would "
+                                  "preprocess images differently from the model's processor",
+                                  hint="re-export the bundle")
             gen = _build(GenerationDefaults, d.get("generation", {}))
             dims = {str(k): _build(DimRange, v) for k, v in _mapping(d, "dims").items()}
             files = {str(k): _build(FileRecord, v) for k, v in _mapping(d, "files").items()}
@@ -306,6 +315,10 @@ class Manifest:
                 raise BundleError(f"manifest has no range for dim {io_dim!r}")
         if "tokenizer" not in self.files:
             raise BundleError("manifest lists no 'tokenizer' file")
+        if family is not Family.RETRIEVAL and not self.model.eos_token_ids:
+            raise BundleError("manifest model.eos_token_ids is empty: generation would never stop on its own")
+        if family is Family.DECODER_ONLY and "embed_tokens" not in self.files:
+            raise BundleError("manifest lists no 'embed_tokens' file, which a decoder-only bundle needs")
         total = self.dims.get("total")
         if total is not None and self.family is not Family.RETRIEVAL and self.model.max_context > total.max:
             raise BundleError(f"manifest model.max_context={self.model.max_context} exceeds the graphs' "
