@@ -97,8 +97,16 @@ def test_stage2_loads_with_modelzoo_and_generates(stage1_dir, tmp_path):
     blip, tok2, proc = load_checkpoint(tmp_path / "s2")
     Q = blip.config.num_query_tokens
     prompt = torch.tensor([[blip.config.image_token_index] * Q + tok2("").input_ids])
-    out = blip.generate(pixel_values=torch.randn(1, 3, 32, 32), input_ids=prompt, max_new_tokens=4)
-    assert out.shape[1] >= 1 and proc.size["height"] == 32
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kw = {"pixel_values": pixels, "input_ids": prompt, "max_new_tokens": 4, "min_new_tokens": 4,
+          "output_scores": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        out = blip.generate(**kw)
+        ref = model.blip.eval().generate(**kw)  # the saved folder generates what the trained model does
+    assert out.sequences.shape[1] == prompt.shape[1] + 4 and torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores, strict=True):  # the same logits, not just the same argmax
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert proc.size["height"] == 32
 
 
 def test_stage2_t5_prefix_lm_loss(stage1_dir):
