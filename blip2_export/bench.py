@@ -46,6 +46,7 @@ DEFAULT_BACKENDS = ("eager", "ort-fp32", "ort-fp16", "ort-int8")
 BENCH_VOCAB = 50272  # OPT-125M's vocabulary: the bench model's LM head and embedding are OPT-sized
 STAGES = ("preprocess", "vision", "qformer", "prefill", "decode_per_token", "e2e")
 TARGETS = {"ort-fp32": 0.5, "ort-int8": 0.3}  # end-to-end time vs eager (issue #6)
+PEER_TARGETS = {"ort-int8": ("eager-dynint8", 0.6)}  # end-to-end time vs a peer, when both ran (issue #20)
 ROOFLINE_TARGET = 1.5  # per-token decode within this factor of the roofline
 CONTEXT_TARGET = 1.2  # decode at the largest context within this factor of the smallest
 DEVICES = ("cpu", "cuda")
@@ -93,14 +94,26 @@ class BenchConfig:
         return self.threads or os.cpu_count() or 1
 
 
+# What a CPU user tries first on the eager model, timed beside it: torch's one-line dynamic int8
+# (``quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``) and ``torch.compile`` of the LLM.
+EAGER_PEERS = {"eager-dynint8": "dynint8", "eager-compile": "compile"}
+
+
+class BackendUnavailable(Blip2Error):
+    """A backend that cannot run on this machine (the run goes on without it, saying why)."""
+
+
 def parse_backend(spec: str) -> tuple[str, str]:
-    """``eager`` -> ("eager", "fp32"); ``ort-int8`` (or ``ort-int8@u8u8``) -> ("ort", "int8")."""
+    """``eager`` -> ("eager", "fp32"); ``eager-dynint8`` -> ("eager", "dynint8"); ``ort-int8`` (or
+    ``ort-int8@u8u8``) -> ("ort", "int8")."""
     if spec == "eager":
         return "eager", "fp32"
+    if spec in EAGER_PEERS:
+        return "eager", EAGER_PEERS[spec]
     name, _, form = spec.partition("@")
     kind, _, prec = name.partition("-")
     if kind not in BACKEND_KINDS[1:] or prec not in PRECISIONS:
-        choices = ["eager"] + [f"{k}-{p}" for k in BACKEND_KINDS[1:] for p in PRECISIONS]
+        choices = ["eager", *EAGER_PEERS] + [f"{k}-{p}" for k in BACKEND_KINDS[1:] for p in PRECISIONS]
         raise Blip2Error(f"unknown backend {spec!r}; choose from: {', '.join(choices)} "
                          "(ort-int8@<int8 kernel> for one int8 weight form)")
     if form and (kind, prec) != ("ort", "int8"):
@@ -350,7 +363,7 @@ class EagerRunner:
     CPU, or fp16 on the GPU (``device="cuda"``; the Q-Former stays fp32 as transformers keeps it), with
     the device synchronized at every time mark."""
 
-    def __init__(self, checkpoint: Path, threads: int, device: str = "cpu"):
+    def __init__(self, checkpoint: Path, threads: int, device: str = "cpu", variant: str = "fp32"):
         import torch
 
         from blip2_export.modelzoo import load_checkpoint
@@ -359,6 +372,11 @@ class EagerRunner:
         self.torch = torch
         self.device = device
         self.cuda = device == "cuda"
+        self.variant = variant
+        if variant not in ("fp32", *EAGER_PEERS.values()):
+            raise Blip2Error(f"unknown eager variant {variant!r}")
+        if variant != "fp32" and self.cuda:
+            raise BackendUnavailable(f"the {variant} eager peer is a CPU one; bench it with --device cpu")
         self.model, self.tokenizer, self.processor = load_checkpoint(
             checkpoint, dtype="float16" if self.cuda else "float32")
         self.model = self.model.to(device).eval()
@@ -366,6 +384,10 @@ class EagerRunner:
         cfg = self.model.config
         if not cfg.use_decoder_only_language_model:
             raise Blip2Error("bench times decoder-only (OPT) models only")
+        if variant == "dynint8":  # the one line a CPU user tries first, on every Linear
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        elif variant == "compile":
+            self._compile()
         self.nq, self.image_id = cfg.num_query_tokens, cfg.image_token_index
         self.marks: dict[str, float] = {}
         for name, mod, when in (("vision_start", self.model.vision_model, "pre"),
@@ -373,6 +395,18 @@ class EagerRunner:
                                 ("qformer_end", self.model.language_projection, "post")):
             self._hook(mod, name, when)
         self.prefix: Any = None
+
+    def _compile(self) -> None:
+        """``torch.compile`` the LLM's forward (what generate calls every step), checked on a short input
+        here so that a machine where it cannot work (no C++ compiler, ...) says so instead of failing later."""
+        torch = self.torch
+        lm = self.model.language_model
+        lm.forward = torch.compile(lm.forward, dynamic=True)
+        try:
+            with torch.no_grad():
+                lm(inputs_embeds=torch.zeros(1, 3, lm.config.hidden_size))
+        except Exception as e:  # noqa: BLE001 - inductor raises many kinds
+            raise BackendUnavailable(f"torch.compile does not work here: {str(e).splitlines()[0][:160]}") from None
 
     def _sync(self) -> None:
         if self.cuda:
@@ -392,8 +426,12 @@ class EagerRunner:
         lm = self.model.language_model
         emb = {id(p) for m in lm.modules() if isinstance(m, self.torch.nn.Embedding) for p in m.parameters()}
         weights = sum(p.numel() * p.element_size() for p in lm.parameters() if id(p) not in emb)
+        for m in lm.modules():  # dynamic int8 Linear layers keep their packed weights outside parameters()
+            if isinstance(m, self.torch.ao.nn.quantized.dynamic.Linear):
+                w, b = m.weight(), m.bias()
+                weights += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
         return {"decoder_file": None, "kv_cache": "transformers DynamicCache", "weight_bytes": int(weights),
-                "kv_itemsize": 2 if self.cuda else 4}
+                "kv_itemsize": 2 if self.cuda else 4, "eager_variant": self.variant}
 
     def e2e(self, images: list, prompt: str, new_tokens: int, t: Timings | None) -> list[list[int]]:
         torch = self.torch
@@ -595,8 +633,15 @@ def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchCo
             continue
         if bar is not None:
             bar.set_description(f"load {spec}")
-        runners[spec], results[spec] = _load_backend(kind, prec, checkpoint, bundle, config, images, token, bar,
-                                                     backend_int8_kernel(spec, config.int8_kernel))
+        try:
+            runners[spec], results[spec] = _load_backend(kind, prec, checkpoint, bundle, config, images, token,
+                                                         bar, backend_int8_kernel(spec, config.int8_kernel))
+        except BackendUnavailable as e:
+            results[spec] = {"status": "skipped", "reason": str(e)}
+            if echo:
+                echo(f"{spec}: skipped ({e})")
+            if bar is not None:
+                bar.update(runs_per_round * (config.warmup + config.repeats))
     # 2. measured rounds: every backend, batch and context once per round, backends interleaved, so slow
     # drifts and bursts of load from other processes spread over all of them instead of skewing one ratio
     def measure_bandwidth() -> float:
@@ -639,7 +684,7 @@ def _load_backend(kind, prec, checkpoint, bundle, config: BenchConfig, images, t
     """Load a backend and run its warm-up (every batch and context), measuring the memory it adds."""
     gc.collect()
     with PeakMemory(gpu=config.device == "cuda") as mem:
-        runner: Any = (EagerRunner(checkpoint, config.thread_count, config.device) if kind == "eager"
+        runner: Any = (EagerRunner(checkpoint, config.thread_count, config.device, prec) if kind == "eager"
                        else RuntimeRunner(bundle, kind, prec, config.thread_count, config.device, int8_kernel))
         for _ in range(config.warmup):
             for batch in config.batches:
@@ -722,6 +767,13 @@ def evaluate_targets(report: dict) -> list[dict]:
         v = r["e2e"][batch].get("e2e_vs_eager")
         out.append({"target": f"{spec} end to end <= {limit}x eager (batch {batch})", "value": v,
                     "met": None if v is None else v <= limit})
+    for spec, (peer, limit) in PEER_TARGETS.items():  # ahead of what a CPU user tries first
+        r, p = backends.get(spec, {}), backends.get(peer, {})
+        if r.get("status") == "ok" and p.get("status") == "ok":
+            batch = min(set(r["e2e"]) & set(p["e2e"]), key=int)
+            v = r["e2e"][batch]["stages_ms"]["e2e"]["p50"] / p["e2e"][batch]["stages_ms"]["e2e"]["p50"]
+            out.append({"target": f"{spec} end to end <= {limit}x {peer} (batch {batch})", "value": v,
+                        "met": v <= limit})
     for spec, r in backends.items():
         if r.get("status") != "ok" or not spec.startswith(("ort", "trt")):
             continue

@@ -453,8 +453,10 @@ def _int_list(ctx, param, value):
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--backends", default="eager,ort-fp32,ort-fp16,ort-int8", show_default=True,
-              help="Comma-separated: eager (transformers, torch fp32), ort-fp32|fp16|int8 (the bundle on ONNX "
-                   "Runtime), trt-fp16|... (TensorRT). Precisions the bundle lacks are skipped with a reason.")
+              help="Comma-separated: eager (transformers, torch fp32), the peers a CPU user tries first on it: "
+                   "eager-dynint8 (torch quantize_dynamic on every Linear) and eager-compile (torch.compile of the "
+                   "LLM), ort-fp32|fp16|int8 (the bundle on ONNX Runtime; ort-int8@u8u8 etc. for one int8 weight "
+                   "form), trt-fp16|... (TensorRT). What cannot run here is skipped with a reason.")
 @click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
               help="Batch sizes, e.g. 1,4: end to end at each, and decode at each context.")
 @click.option("--new-tokens", default=32, show_default=True, help="Tokens generated per run (min = max).")

@@ -43,7 +43,8 @@ class QFormerGraph(nn.Module):
             encoder_attention_mask=mask,
             return_dict=True,
         ).last_hidden_state
-        return self.language_projection(out.to(self.language_projection.weight.dtype))
+        weight = self.language_projection.weight  # a method on torch's dynamic int8 Linear (bench's peer)
+        return self.language_projection(out.to(weight.dtype) if isinstance(weight, torch.Tensor) else out)
 
 
 class DecoderGraph(nn.Module):

@@ -27,7 +27,7 @@ from runtime.manifest import load_manifest
 @pytest.fixture(scope="module")
 def report_dir(tiny_checkpoint, tiny_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "report"
-    code = main(["bench", str(tiny_checkpoint), str(tiny_bundle), "--backends", "eager,ort-fp32,ort-int8,trt-fp16",
+    code = main(["bench", str(tiny_checkpoint), str(tiny_bundle), "--backends", "eager,eager-dynint8,ort-fp32,ort-int8,trt-fp16",
                  "--batch", "1,2", "--contexts", "16,40", "--new-tokens", "4", "--repeats", "1", "--warmup", "0",
                  "--decode-steps", "2", "--threads", "1", "-o", str(out)])
     assert code == 0
@@ -69,6 +69,33 @@ def test_bench_writes_json_markdown_and_plot(report_dir):
     if trt["status"] != "ok":
         assert f"`trt-fp16`: skipped, {trt['reason']}" in md
     assert (report_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torch_dynamic_int8_is_timed_beside_eager(report_dir):
+    """The peer a CPU user tries first (torch's quantize_dynamic on every Linear) runs in the same rounds."""
+    r = json.loads((report_dir / "report.json").read_text())
+    peer, eager = r["backends"]["eager-dynint8"], r["backends"]["eager"]
+    assert peer["status"] == "ok" and peer["eager_variant"] == "dynint8" and eager["eager_variant"] == "fp32"
+    assert 0 < peer["weight_bytes"] < 0.5 * eager["weight_bytes"]  # its Linear weights are int8 now
+    for batch in ("1", "2"):
+        ratio = peer["e2e"][batch]["stages_ms"]["e2e"]["p50"] / eager["e2e"][batch]["stages_ms"]["e2e"]["p50"]
+        assert peer["e2e"][batch]["e2e_vs_eager"] == pytest.approx(ratio)
+    assert "| eager-dynint8 | 1 |" in (report_dir / "report.md").read_text()
+
+
+def test_ort_int8_is_held_against_torch_dynamic_int8():
+    def e2e(ms):
+        return {"1": {"stages_ms": {"e2e": {"p50": ms}}}}
+
+    def row(int8_ms, peer_status="ok"):
+        sweep = [{"batch": 1, "context": 64, "ms": {"p50": 2.0, "min": 2.0}, "roofline_ms": 1.0}]
+        report = {"backends": {"ort-int8": {"status": "ok", "e2e": e2e(int8_ms), "decode_sweep": sweep},
+                               "eager-dynint8": {"status": peer_status, "e2e": e2e(100.0)}}}
+        return next((t for t in evaluate_targets(report) if "eager-dynint8" in t["target"]), None)
+
+    assert row(50.0)["value"] == pytest.approx(0.5) and row(50.0)["met"] is True
+    assert row(70.0)["met"] is False
+    assert row(50.0, peer_status="skipped") is None  # no peer in the run, no row
 
 
 def test_fp16_on_an_x86_cpu_is_explained_in_the_targets():
