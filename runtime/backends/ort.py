@@ -340,7 +340,7 @@ def _weight_form_model(model, file: str, int8: Int8Choice, data: dict[str, bytea
     where = {t.name: t for t in external}
     for t in model.graph.initializer:
         if t.name in where:
-            t.CopyFrom(numpy_helper.from_array(_array(where[t.name], data[where[t.name].location]).copy(), t.name))
+            t.CopyFrom(numpy_helper.from_array(_array(where[t.name], data[where[t.name].location]), t.name))
     apply_weight_form(model, int8.kernel, int8.ops, numpy_helper.to_array)
     if model.ByteSize() > PROTOBUF_LIMIT:
         raise Blip2Error(f"{file} is over 2 GiB: its {int8.kernel.value} int8 form cannot be built in memory",
