@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends import GraphSet, create_backend
 from runtime.bundle_files import BundleFiles
+from runtime.bundle_runtime import BundleRuntime
 from runtime.contract import Family, GraphName
 from runtime.deadline import DEFAULT_TIMEOUT_S, deadline
 from runtime.errors import Blip2Error, InputError, LimitError
 from runtime.generation import GenerationConfig, StreamCallback, generate
-from runtime.manifest import Manifest, load_manifest
 from runtime.preprocess import ImageLike, preprocess
-from runtime.text import load_table, load_text
+from runtime.text import load_table
 
 
 @dataclass
@@ -37,44 +36,21 @@ class Generation:
     finished: bool  # ended on a stop token (else max_new_tokens was reached)
 
 
-class Blip2Runtime:
+class Blip2Runtime(BundleRuntime):
+    """Captions and answers about images with a generative bundle (decoder-only or encoder-decoder LLM).
+    ``timeout``: wall-clock seconds each call (generate, image_features, ...) may take (None: no limit)."""
+
     def __init__(self, bundle: str | Path, *, precision: str = "fp32", backend: str = "ort",
                  verify: bool = True, timeout: float | None = DEFAULT_TIMEOUT_S, **backend_options):
-        """``timeout``: wall-clock seconds each call (generate, image_features, ...) may take (None: no limit)."""
-        self.bundle = Path(bundle)
-        self.verify = verify
-        self.timeout = timeout
-        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
-        if self.manifest.family is Family.RETRIEVAL:
-            raise Blip2Error(f"{self.bundle} is a retrieval bundle: it ranks images against texts and does not "
-                             "generate", hint="use 'blip2-export retrieve' or runtime.retrieval.RetrievalRuntime")
-        self.precision = precision
-        self.manifest.graph(self.manifest.required_graphs()[0], precision)  # fails early if missing
-        self.backend = create_backend(backend, **backend_options)
-        self.tokenizer, self.embed = load_text(self.bundle, self.manifest, verify)
+        super().__init__(bundle, precision=precision, backend=backend, verify=verify, timeout=timeout,
+                         **backend_options)
         # T5 shares one table between encoder and decoder, unless the exporter found an untied one
         self.dec_embed = load_table(BundleFiles(self.bundle, verify=verify), self.manifest, "decoder_embed_tokens")
-        self._graph_set = GraphSet(self.bundle, self.manifest, precision, self.backend, verify)
-        self._graphs = self._graph_set.loaded
 
-    # -- graphs ------------------------------------------------------------------------------------
-    def graph(self, name: GraphName):
-        """The runner for ``name`` (loaded once, on first use)."""
-        return self._graph_set.get(name)
-
-    def describe_loaded(self) -> list[str]:
-        """One line per loaded graph: the file that runs and, for calibrated int8 graphs, the int8 form."""
-        lines = []
-        for name, runner in self._graphs.items():
-            file = getattr(runner, "engine", None) or runner.record.file
-            int8 = getattr(runner, "int8", None)
-            lines.append(f"{name}: {file} ({self.backend.name}, {self.precision})"
-                         + (f"; int8 kernel {int8.describe()}" if int8 is not None else ""))
-        return lines
-
-    @property
-    def family(self) -> Family:
-        return self.manifest.family
+    def check_family(self, family: Family) -> None:
+        if family is Family.RETRIEVAL:
+            raise Blip2Error(f"{self.bundle} is a retrieval bundle: it ranks images against texts and does not "
+                             "generate", hint="use 'blip2-export retrieve' or runtime.retrieval.RetrievalRuntime")
 
     # -- stages ------------------------------------------------------------------------------------
     def pixel_values(self, images: Sequence[ImageLike]) -> np.ndarray:

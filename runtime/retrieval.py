@@ -26,15 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends import GraphSet, create_backend
 from runtime.bundle_files import printable
+from runtime.bundle_runtime import BundleRuntime
 from runtime.contract import Family, GraphName
-from runtime.deadline import DEFAULT_TIMEOUT_S, deadline
+from runtime.deadline import deadline
 from runtime.errors import BundleError, InputError, LimitError
 from runtime.integrity import atomic_write_bytes
-from runtime.manifest import Manifest, load_manifest
 from runtime.preprocess import ImageLike, preprocess
-from runtime.text import load_text
 
 TEXT_FEATURES_FORMAT = 1
 
@@ -177,28 +175,14 @@ def rank(scores: np.ndarray, k: int, itm: Callable[[list[tuple[int, int]]], np.n
     return out
 
 
-class RetrievalRuntime:
-    def __init__(self, bundle: str | Path, *, precision: str = "fp32", backend: str = "ort", verify: bool = True,
-                 timeout: float | None = DEFAULT_TIMEOUT_S, **backend_options):
-        self.bundle = Path(bundle)
-        self.verify = verify
-        self.timeout = timeout  # wall-clock seconds per call of encode_images / encode_texts / retrieve
-        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
-        if self.manifest.family is not Family.RETRIEVAL:
-            raise BundleError(f"{self.bundle} is not a retrieval bundle (its family is "
-                              f"{self.manifest.family.value!r})",
-                              hint="export a Blip2ForImageTextRetrieval checkpoint for retrieval")
-        self.precision = precision
-        for g in self.manifest.required_graphs():
-            self.manifest.graph(g, precision)  # fails early if one is missing
-        self.backend = create_backend(backend, **backend_options)
-        self.tokenizer = load_text(self.bundle, self.manifest, verify)[0]
-        self._graph_set = GraphSet(self.bundle, self.manifest, precision, self.backend, verify)
-        self._graphs = self._graph_set.loaded
+class RetrievalRuntime(BundleRuntime):
+    """Image-text retrieval with a stage-1 bundle: ITC features and the ITM head. ``timeout``: wall-clock
+    seconds per call of encode_images / encode_texts / retrieve."""
 
-    # -- graphs ----------------------------------------------------------------------------------
-    def graph(self, name: GraphName):
-        return self._graph_set.get(name)
+    def check_family(self, family: Family) -> None:
+        if family is not Family.RETRIEVAL:
+            raise BundleError(f"{self.bundle} is not a retrieval bundle (its family is {family.value!r})",
+                              hint="export a Blip2ForImageTextRetrieval checkpoint for retrieval")
 
     @property
     def max_batch(self) -> int:

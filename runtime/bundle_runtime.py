@@ -1,0 +1,56 @@
+"""What every runtime of a bundle sets up the same way: the manifest, the precision's graphs (loaded on
+first use), the backend, the tokenizer and a per-call deadline. :class:`runtime.pipeline.Blip2Runtime`
+(captioning, VQA) and :class:`runtime.retrieval.RetrievalRuntime` (ITC/ITM ranking) build on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.backends import GraphSet, create_backend
+from runtime.contract import Family, GraphName
+from runtime.deadline import DEFAULT_TIMEOUT_S
+from runtime.manifest import Manifest, load_manifest
+from runtime.text import load_text
+
+
+class BundleRuntime:
+    """A bundle opened for one precision on one backend. Subclasses say which families they serve
+    (:meth:`check_family`) and what they run."""
+
+    def __init__(self, bundle: str | Path, *, precision: str = "fp32", backend: str = "ort", verify: bool = True,
+                 timeout: float | None = DEFAULT_TIMEOUT_S, **backend_options):
+        """``timeout``: wall-clock seconds each call may take (None: no limit)."""
+        self.bundle = Path(bundle)
+        self.verify = verify
+        self.timeout = timeout
+        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
+        self.check_family(self.manifest.family)
+        self.precision = precision
+        for g in self.manifest.required_graphs():
+            self.manifest.graph(g, precision)  # fails early if one is missing
+        self.backend = create_backend(backend, **backend_options)
+        self.tokenizer, self.embed = load_text(self.bundle, self.manifest, verify)
+        self._graph_set = GraphSet(self.bundle, self.manifest, precision, self.backend, verify)
+        self._graphs = self._graph_set.loaded
+
+    def check_family(self, family: Family) -> None:
+        """Raise when this runtime cannot serve a bundle of ``family``."""
+
+    @property
+    def family(self) -> Family:
+        return self.manifest.family
+
+    def graph(self, name: GraphName):
+        """The runner for ``name`` (loaded once, on first use)."""
+        return self._graph_set.get(name)
+
+    def describe_loaded(self) -> list[str]:
+        """One line per loaded graph: the file that runs and, for calibrated int8 graphs, the int8 form."""
+        lines = []
+        for name, runner in self._graphs.items():
+            file = getattr(runner, "engine", None) or runner.record.file
+            int8 = getattr(runner, "int8", None)
+            lines.append(f"{name}: {file} ({self.backend.name}, {self.precision})"
+                         + (f"; int8 kernel {int8.describe()}" if int8 is not None else ""))
+        return lines
