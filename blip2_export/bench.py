@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends.int8_kernels import Int8Choice, Int8Kernel, choose, cpu_features
+from runtime.backends.int8_kernels import X86_ARCHS, Int8Choice, Int8Kernel, choose, cpu_features
 from runtime.contract import GraphName
 from runtime.errors import Blip2Error, require
 
@@ -753,7 +753,6 @@ def evaluate_targets(report: dict) -> list[dict]:
     """
     out = []
     backends = report["backends"]
-    from runtime.backends.ort import X86_ARCHS
 
     x86_cpu = (report.get("settings", {}).get("device", "cpu") == "cpu"
                and report.get("machine", {}).get("arch", "").lower() in X86_ARCHS)

@@ -417,12 +417,11 @@ def inspect(bundle, no_verify):
     n = check_bundle_graphs(bundle, m, verify=not no_verify)  # external data: only listed, checksummed files
     if not no_verify:
         _echo(f"checksums: ok; {n} graphs walked: external data only from listed files, operators allowed")
-    if any(g.precision == "int8" and g.notes.get("recipe") == "static" for gs in m.graphs.values()
-           for g in gs.values()):
-        from runtime.backends.int8_kernels import choose, cpu_features
+    from runtime.backends.int8_kernels import calibrated_int8, choose, cpu_features
 
+    if any(calibrated_int8(g) for gs in m.graphs.values() for g in gs.values()):
         _echo(f"int8 on this CPU ({cpu_features()['class']}): {choose().describe()}; "
-                   "override with --int8-kernel")
+              "override with --int8-kernel")
 
 
 # ------------------------------------------------------------------------------------------------

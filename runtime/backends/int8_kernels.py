@@ -59,6 +59,7 @@ class Int8Kernel(str, Enum):
 
 
 INT8_KERNELS = tuple(k.value for k in Int8Kernel)
+X86_ARCHS = ("x86_64", "amd64", "i386", "i686")  # platform.machine() names of x86 CPUs (lower case)
 # Operators whose int8 x int8 product goes through ORT's u8 x s8 GEMM when both inputs are quantized.
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 _PROBE_OP = {"MatMul": "MatMul", "Gemm": "MatMul", "Conv": "Conv"}  # Gemm runs the MatMul kernel
@@ -98,7 +99,7 @@ def cpu_features() -> dict:
             flags.update(value.split())
     known = _X86_FLAGS + _ARM_FLAGS
     features = [f for f in known if f in flags]
-    if arch in ("x86_64", "amd64", "i386", "i686"):
+    if arch in X86_ARCHS:
         if "amx_int8" in flags:
             cls = "x86 AMX"
         elif "avx512_vnni" in flags:
@@ -119,6 +120,12 @@ def cpu_features() -> dict:
 
 
 # -- the weight forms --------------------------------------------------------------------------------
+def calibrated_int8(record) -> bool:
+    """A graph (manifest ``GraphRecord``) whose int8 products take quantized activations: the graphs whose
+    weights take the form :func:`choose` picks."""
+    return record.precision == "int8" and record.notes.get("recipe") == "static"
+
+
 AUTO_ORDER = (Int8Kernel.U8S8, Int8Kernel.U8U8, Int8Kernel.U8S7)  # most faithful/fastest first
 
 
@@ -178,13 +185,14 @@ def apply_weight_form(model, kernel: Int8Kernel, ops: tuple[str, ...], load_tens
                              "with a layer the int8 form does not cover",
                              hint="use --int8-kernel u8s8, or rebuild the bundle with this version")
     inits = {t.name: t for t in graph.initializer}
+    replaced: set[str] = set()  # int8 zero points u8u8 swaps for uint8 ones
     for dq in dqs:
         w_name, s_name = dq.input[0], dq.input[1]
         w = load_tensor(inits[w_name])
         if kernel is Int8Kernel.U8S7:
             inits[w_name].CopyFrom(numpy_helper.from_array(halve_weights(w), w_name))
             scale = load_tensor(inits[s_name]).astype(np.float32) * 2
-            inits[s_name].CopyFrom(numpy_helper.from_array(scale.astype(np.float32), s_name))
+            inits[s_name].CopyFrom(numpy_helper.from_array(scale, s_name))
         else:  # U8U8: the same integers, stored with an offset of 128
             inits[w_name].CopyFrom(numpy_helper.from_array((w.astype(np.int16) + 128).astype(np.uint8), w_name))
             zp_name = f"{w_name}__u8_zero_point"
@@ -192,10 +200,11 @@ def apply_weight_form(model, kernel: Int8Kernel, ops: tuple[str, ...], load_tens
             graph.initializer.append(numpy_helper.from_array(np.full(shape, 128, np.uint8), zp_name))
             while len(dq.input) < 3:
                 dq.input.append("")
+            replaced.add(dq.input[2])
             dq.input[2] = zp_name
-    used = {x for n in graph.node for x in n.input}
-    kept = [t for t in graph.initializer if t.name in used or t.name in {i.name for i in graph.input}]
-    if len(kept) != len(graph.initializer):  # the int8 zero points u8u8 replaced
+    unused = replaced - {x for n in graph.node for x in n.input} - {""}
+    if unused:
+        kept = [t for t in graph.initializer if t.name not in unused]
         del graph.initializer[:]
         graph.initializer.extend(kept)
     return len(dqs)

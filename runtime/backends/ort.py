@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from runtime import deadline as _deadline
-from runtime.backends.int8_kernels import Int8Choice, Int8Kernel, apply_weight_form, choose
+from runtime.backends.int8_kernels import (
+    X86_ARCHS,
+    Int8Choice,
+    Int8Kernel,
+    apply_weight_form,
+    calibrated_int8,
+    choose,
+)
 from runtime.bundle_files import BundleFiles, printable
 from runtime.errors import Blip2Error, Blip2Warning, require
 from runtime.graph_check import ExternalTensor, check_graph, parse_graph
@@ -31,7 +38,6 @@ _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64":
 KV_CONCAT = "concat"  # past in, past + new out (the exported graph)
 
 
-X86_ARCHS = ("x86_64", "amd64", "i386", "i686")  # platform.machine() names of x86 CPUs (lower case)
 
 
 def _x86() -> bool:
@@ -253,7 +259,7 @@ class OrtBackend:
         so = self.session_options()
         int8 = None
         keep: list = []
-        if _calibrated_int8(record):
+        if calibrated_int8(record):
             int8 = self.int8_choice()
         if int8 is not None and int8.ops:
             raw = _weight_form_model(model, file, int8, data, external)
@@ -346,8 +352,3 @@ def _weight_form_model(model, file: str, int8: Int8Choice, data: dict[str, bytea
         raise Blip2Error(f"{file} is over 2 GiB: its {int8.kernel.value} int8 form cannot be built in memory",
                          hint="run it with --int8-kernel u8s8 on a CPU with VNNI, or with fp32")
     return model.SerializeToString()
-
-
-def _calibrated_int8(record: GraphRecord) -> bool:
-    """A graph whose int8 products take quantized activations (u8 x s8 on ORT's CPU kernels)."""
-    return record.precision == "int8" and record.notes.get("recipe") == "static"
