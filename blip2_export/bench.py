@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends.int8_kernels import X86_ARCHS, Int8Choice, Int8Kernel, choose, cpu_features
+from runtime.backends.int8_kernels import X86_ARCHS, Int8Kernel, choose, cpu_features
 from runtime.contract import GraphName
 from runtime.errors import Blip2Error, require
 
@@ -506,7 +506,7 @@ class EagerRunner:
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
-def machine_info(device: str = "cpu", int8_choice: Int8Choice | None = None) -> dict:
+def machine_info(device: str = "cpu", int8_kernel: str = "auto") -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -521,7 +521,7 @@ def machine_info(device: str = "cpu", int8_choice: Int8Choice | None = None) -> 
                             "cpu_class": feats["class"], "cpu_features": feats["features"]}
     if device == "cpu":
         try:
-            info["int8_kernel"] = int8_choice.describe() if int8_choice is not None else choose().describe()
+            info["int8_kernel"] = choose(int8_kernel).describe()  # the form ort-int8 runs in (no @form)
         except Blip2Error:
             pass
     try:
@@ -603,7 +603,7 @@ def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchCo
     token = facts.bos_token_id if facts.bos_token_id is not None else 5
 
     report: dict[str, Any] = {
-        "machine": machine_info(config.device, choose(config.int8_kernel) if config.device == "cpu" else None),
+        "machine": machine_info(config.device, config.int8_kernel),
         "load_average_start": list(os.getloadavg()),
         "settings": {**asdict(config), "threads": threads, "bundle": str(bundle),
                      "checkpoint": str(checkpoint) if checkpoint else None},

@@ -38,6 +38,10 @@ def test_bench_writes_json_markdown_and_plot(report_dir):
     r = json.loads((report_dir / "report.json").read_text())
     assert {"machine", "settings", "model", "bandwidth_gb_s", "backends", "targets"} <= set(r)
     assert r["bandwidth_gb_s"] > 0 and r["settings"]["threads"] == 1
+    from runtime.backends.int8_kernels import choose, cpu_features
+
+    assert r["machine"]["cpu_class"] == cpu_features()["class"]  # rows are named by the CPU they ran on
+    assert r["machine"]["int8_kernel"] == choose().describe()
     for spec in ("eager", "ort-fp32"):
         b = r["backends"][spec]
         assert b["status"] == "ok" and b["weight_bytes"] > 0
