@@ -36,12 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backends import backend_names, backend_spec
 from runtime.backends.int8_kernels import X86_ARCHS, Int8Kernel, choose, cpu_features
 from runtime.contract import GraphName
 from runtime.errors import Blip2Error, require
 
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKEND_KINDS = ("eager", "ort", "trt")
+BACKEND_KINDS = ("eager", *backend_names())  # eager: the transformers model; the rest: runtime backends
 DEFAULT_BACKENDS = ("eager", "ort-fp32", "ort-fp16", "ort-int8")
 BENCH_VOCAB = 50272  # OPT-125M's vocabulary: the bench model's LM head and embedding are OPT-sized
 STAGES = ("preprocess", "vision", "qformer", "prefill", "decode_per_token", "e2e")
@@ -296,7 +297,8 @@ class RuntimeRunner:
                  int8_kernel: str = "auto"):
         from runtime.pipeline import Blip2Runtime
 
-        opts: dict[str, Any] = {"threads": threads, "int8_kernel": int8_kernel} if kind == "ort" else {}
+        takes = backend_spec(kind).options
+        opts: dict[str, Any] = {k: v for k, v in (("threads", threads), ("int8_kernel", int8_kernel)) if k in takes}
         if kind == "ort" and device == "cuda":
             opts["providers"] = ["CUDAExecutionProvider"]
         self.rt = Blip2Runtime(bundle, precision=precision, backend=kind, verify=False, **opts)
@@ -307,13 +309,12 @@ class RuntimeRunner:
         self.prefix: np.ndarray | None = None
 
     def describe(self) -> dict:
-        rec = self.decoder.record
-        file = getattr(self.decoder, "engine", None) or rec.file
-        int8 = getattr(self.rt.graph(GraphName.VISION), "int8", None)
-        return {"decoder_file": file, "kv_cache": getattr(self.decoder, "kv_cache", "concat"),
+        rec, facts = self.decoder.record, self.decoder.facts
+        int8 = self.rt.graph(GraphName.VISION).facts.int8
+        return {"decoder_file": facts.file, "kv_cache": facts.kv_cache,
                 **({"int8_kernel": int8.kernel.value} if int8 is not None else {}),
-                "weight_bytes": onnx_weight_bytes(self.rt.bundle / file),
-                "kv_itemsize": np.dtype(getattr(self.decoder, "kv_dtype", rec.io.inputs[0].dtype)).itemsize}
+                "weight_bytes": onnx_weight_bytes(self.rt.bundle / facts.file),
+                "kv_itemsize": np.dtype(facts.kv_dtype or rec.io.inputs[0].dtype).itemsize}
 
     def e2e(self, images: list, prompt: str, new_tokens: int, t: Timings | None) -> list[list[int]]:
         from runtime.generation import GenerationConfig

@@ -173,10 +173,37 @@ def build(bundle, precision, backend, calib_images, calib_prompts, calib_method,
 
 # ------------------------------------------------------------------------------------------------
 def _backend_options(backend: str, threads: int | None, int8_kernel: str = "auto") -> dict:
-    """Keyword options of a runtime's backend from the CLI's --threads / --int8-kernel."""
-    if backend != "ort":
-        return {}
-    return {**({"threads": threads} if threads else {}), "int8_kernel": int8_kernel}
+    """Keyword options of a runtime's backend from the CLI's --threads / --int8-kernel (those it takes)."""
+    from runtime.backends import backend_spec
+
+    takes = backend_spec(backend).options
+    given = {"threads": threads or None, "int8_kernel": int8_kernel}
+    return {k: v for k, v in given.items() if k in takes and v is not None}
+
+
+class _Registered(click.Choice):
+    """click.Choice over a registry's names, read when the option is parsed (so a backend registered after
+    this module was imported is accepted too)."""
+
+    def __init__(self, names):
+        self._names = names
+        super().__init__(list(names()))
+
+    @property
+    def choices(self):
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click sets it in __init__; the registry stays the source
+        pass
+
+
+def _backend_option(f):
+    """--backend of the commands that run a bundle: the registered runtime backends."""
+    from runtime.backends import backend_help, backend_names
+
+    return click.option("--backend", default="ort", show_default=True, type=_Registered(backend_names),
+                        help=backend_help() + ".")(f)
 
 
 def _int8_kernel_option(f):
@@ -216,8 +243,7 @@ def _generation_options(f):
                    "Omit to caption.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
               help="Which graphs of the bundle to run (fp16/int8 come from 'blip2-export build').")
-@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]),
-              help="ort: ONNX Runtime; trt: TensorRT engines built by 'blip2-export build --backend trt'.")
+@_backend_option
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated (batch of one).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines.")
@@ -289,7 +315,7 @@ def run(bundle, images, prompts, precision, backend, threads, stream, as_json, v
 @click.option("--direction", default="i2t", show_default=True, type=click.Choice(["i2t", "t2i", "both"]),
               help="i2t: best texts for each image; t2i: best images for each text.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]))
-@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
+@_backend_option
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per query.")
 @_int8_kernel_option
@@ -344,7 +370,7 @@ def retrieve(bundle, images_dir, texts_file, features_in, features_out, rerank_t
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="Text file, one prompt per line (an empty line = plain caption). Default: 3 built-in prompts.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]))
-@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
+@_backend_option
 @click.option("--beams", "num_beams", default=1, show_default=True, help="Compare beam search of this width.")
 @click.option("--batch", default=1, show_default=True, help="Runtime batch size (eager runs one at a time).")
 @click.option("--max-new-tokens", default=32, show_default=True)

@@ -101,6 +101,7 @@ def model_facts(model, tokenizer) -> ModelFacts:
         llm_hidden=hidden,
         llm_layers=t.num_hidden_layers if decoder_only else t.num_decoder_layers,
         llm_heads=kv_heads,
+        llm_query_heads=heads if heads != kv_heads else None,
         head_dim=head_dim,
         vocab_size=vocab,
         max_context=limit,

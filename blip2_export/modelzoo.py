@@ -24,7 +24,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Sizes of a random BLIP-2 model. ``llm`` is ``"opt"`` (decoder-only) or ``"t5"`` (encoder-decoder)."""
+    """Sizes of a random BLIP-2 model. ``llm`` is ``"opt"`` or ``"llama"`` (decoder-only; llama with grouped-query
+    attention when ``llm_kv_heads`` < ``llm_heads``) or ``"t5"`` (encoder-decoder)."""
 
     llm: str = "opt"
     image_size: int = 32
@@ -42,12 +43,16 @@ class ModelSpec:
     llm_layers: int = 2
     llm_heads: int = 2
     llm_ffn: int = 64
+    llm_kv_heads: int | None = None  # llama: key/value heads (None: llm_heads)
     max_positions: int = 256
     extra_words: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        if self.llm not in ("opt", "t5"):
-            raise Blip2Error(f"unknown LLM family {self.llm!r}; choose 'opt' or 't5'")
+        if self.llm not in ("opt", "llama", "t5"):
+            raise Blip2Error(f"unknown LLM family {self.llm!r}; choose 'opt', 'llama' or 't5'")
+        if self.llm_kv_heads is not None and (self.llm != "llama" or self.llm_heads % self.llm_kv_heads):
+            raise Blip2Error(f"llm_kv_heads={self.llm_kv_heads} needs llm='llama' and to divide "
+                             f"llm_heads={self.llm_heads}")
         for name in ("vision", "qformer", "llm"):
             hidden, heads = getattr(self, f"{name}_hidden"), getattr(self, f"{name}_heads")
             if hidden % heads:
@@ -95,7 +100,7 @@ def get_spec(preset: str | ModelSpec, **overrides: Any) -> ModelSpec:
 
 def make_config(spec: ModelSpec, tokenizer):
     """A ``Blip2Config`` for ``spec`` whose special ids match ``tokenizer``."""
-    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig, OPTConfig, T5Config
 
     vision = Blip2VisionConfig(
         hidden_size=spec.vision_hidden, intermediate_size=spec.vision_ffn,
@@ -117,6 +122,13 @@ def make_config(spec: ModelSpec, tokenizer):
             num_attention_heads=spec.llm_heads, ffn_dim=spec.llm_ffn, word_embed_proj_dim=spec.llm_hidden,
             max_position_embeddings=spec.max_positions, dropout=0.0, attention_dropout=0.0,
             activation_dropout=0.0, layerdrop=0.0, tie_word_embeddings=False, **ids,
+        )
+    elif spec.llm == "llama":
+        text = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=spec.llm_hidden, num_hidden_layers=spec.llm_layers,
+            num_attention_heads=spec.llm_heads, num_key_value_heads=spec.llm_kv_heads or spec.llm_heads,
+            intermediate_size=spec.llm_ffn, max_position_embeddings=spec.max_positions, attention_dropout=0.0,
+            tie_word_embeddings=False, **ids,
         )
     else:
         text = T5Config(
@@ -170,7 +182,7 @@ def build_random_model(preset: str | ModelSpec = "tiny", seed: int = 0, **overri
     from blip2_export.text_tokenizer import build_word_tokenizer
 
     spec = get_spec(preset, **overrides)
-    tokenizer = build_word_tokenizer(spec.extra_words, add_bos=spec.llm == "opt", add_eos=spec.llm == "t5")
+    tokenizer = build_word_tokenizer(spec.extra_words, add_bos=spec.llm != "t5", add_eos=spec.llm == "t5")
     config = make_config(spec, tokenizer)
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config)

@@ -12,11 +12,13 @@ int8 KV cache needs for its scales.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from runtime.backends import RunnerWrapper
 from runtime.contract import GraphName
 from runtime.errors import InputError
 from runtime.preprocess import IMAGE_SUFFIXES
@@ -79,19 +81,16 @@ class CalibrationSet:
             self.kv_peak[key] = m if key not in self.kv_peak else np.maximum(self.kv_peak[key], m)
 
 
-class _Recorder:
+class _Recorder(RunnerWrapper):
     """A graph runner that keeps a copy of every call's feeds, then runs the real one (and hands its
-    outputs to ``observe``, if given)."""
+    outputs to ``observe``, if given). A decoder's cache goes through ``run`` (the copying path), so
+    every step is recorded in the portable graph's IO."""
 
     def __init__(self, runner, sink: list, observe=None):
-        self.runner = runner
-        self.record = runner.record
+        super().__init__(runner)
+        self.copying()
         self.sink = sink
         self.observe = observe
-
-    @property
-    def calls(self) -> int:
-        return self.runner.calls
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.sink.append({k: np.array(v, copy=True) for k, v in feeds.items()})
@@ -120,8 +119,8 @@ def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
     cal = CalibrationSet()
     for name in rt.manifest.required_graphs():
         sink: list = cal.feeds.setdefault(name.value, [])
-        rt._graphs[name.value] = _Recorder(rt.graph(name), sink,
-                                           cal.observe_kv if name is GraphName.DECODER else None)
+        observe = cal.observe_kv if name is GraphName.DECODER else None
+        rt.wrap_graph(name, functools.partial(_Recorder, sink=sink, observe=observe))
     it: list[Path] = list(images)
     if progress:
         from tqdm import tqdm
@@ -149,7 +148,8 @@ def _collect_retrieval(bundle: str | Path, images: list[Path], prompts: tuple[st
     rt = RetrievalRuntime(bundle, precision="fp32", backend="ort")
     cal = CalibrationSet()
     for name in rt.manifest.required_graphs():
-        rt._graphs[name.value] = _Recorder(rt.graph(name), cal.feeds.setdefault(name.value, []))
+        sink = cal.feeds.setdefault(name.value, [])
+        rt.wrap_graph(name, functools.partial(_Recorder, sink=sink))
     texts = rt.encode_texts([p for p in prompts if p.strip()] or ["a photo"])
     it: list[Path] = list(images)
     if progress:

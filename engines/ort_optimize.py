@@ -37,8 +37,8 @@ import numpy as np
 
 from runtime.contract import GraphName, past_name
 from runtime.errors import Blip2Error, require
+from runtime.manifest import KV_SHARED
 
-KV_SHARED = "shared_buffer"  # manifest notes value: past/present share one preallocated buffer
 ATTENTION_OP = "com.microsoft.GroupQueryAttention"
 SHAPE_OPS = ("Reshape", "Transpose")
 
@@ -164,8 +164,10 @@ def _match_layer(g: _Graph, layer: int) -> _Layer:
     return _Layer(q, k, v, tensor, q_scale * k_scale, (concat_k.name, concat_v.name))
 
 
-def fuse_decoder_attention(model, *, layers: int, heads: int, head_dim: int):
+def fuse_decoder_attention(model, *, layers: int, heads: int, head_dim: int, kv_heads: int | None = None):
     """Rewrite ``model`` (an exported decoder ModelProto, changed in place) to GroupQueryAttention.
+
+    ``heads``: query heads; ``kv_heads``: key/value heads (the cache's; default ``heads``).
 
     Returns a :class:`FuseResult`. Raises :class:`PatternError` when the graph does not match.
     """
@@ -202,7 +204,7 @@ def fuse_decoder_attention(model, *, layers: int, heads: int, head_dim: int):
             [lay.q, lay.k, lay.v, past_name(i, "key"), past_name(i, "value"), f"{prefix}/seqlens_k", f"{prefix}/total"],
             [out, past_name(i, "key", "present"), past_name(i, "value", "present")],
             name=f"{prefix}/layers.{i}/GroupQueryAttention", domain="com.microsoft",
-            num_heads=heads, kv_num_heads=heads, scale=float(lay.scale),
+            num_heads=heads, kv_num_heads=kv_heads or heads, scale=float(lay.scale),
         ))
         for n in g.consumers.get(lay.attn_out, []):
             for j, x in enumerate(n.input):
@@ -734,6 +736,7 @@ def quantize_kv_cache(model, scales: dict[str, np.ndarray]) -> int:
 
 
 def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads: int, head_dim: int,
+                         kv_heads: int | None = None,
                          int8: str = "nbits", kv_scales: dict[str, np.ndarray] | None = None
                          ) -> tuple[list[str], dict]:
     """Read the exported decoder at ``src``, fuse its attention, write the ORT engine graph at ``dst``.
@@ -748,7 +751,7 @@ def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads
 
     _check_int8_mode(int8)
     model = load_model(src)
-    result = fuse_decoder_attention(model, layers=layers, heads=heads, head_dim=head_dim)
+    result = fuse_decoder_attention(model, layers=layers, heads=heads, head_dim=head_dim, kv_heads=kv_heads)
     last = last_position_logits(model)
     int8_notes = _engine_int8_weights(model, int8)
     reshapes = drop_row_reshapes(model)
@@ -863,7 +866,7 @@ def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None,
     try:
         if kind == "decoder":
             ext, notes = build_decoder_engine(bundle_dir / record.file, bundle_dir / dst, layers=m.llm_layers,
-                                              heads=m.llm_heads, head_dim=m.head_dim, int8=int8,
+                                              heads=m.query_heads, kv_heads=m.llm_heads, head_dim=m.head_dim, int8=int8,
                                               kv_scales=kv_scales)
         elif kind == "weights":
             ext, notes = build_weights_engine(bundle_dir / record.file, bundle_dir / dst, int8=int8)

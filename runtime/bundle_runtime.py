@@ -5,9 +5,10 @@ first use), the backend, the tokenizer and a per-call deadline. :class:`runtime.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from runtime.backends import GraphSet, create_backend
+from runtime.backends import GraphRunner, GraphSet, create_backend
 from runtime.contract import Family, GraphName
 from runtime.deadline import DEFAULT_TIMEOUT_S
 from runtime.manifest import Manifest, load_manifest
@@ -32,7 +33,6 @@ class BundleRuntime:
         self.backend = create_backend(backend, **backend_options)
         self.tokenizer, self.embed = load_text(self.bundle, self.manifest, verify)
         self._graph_set = GraphSet(self.bundle, self.manifest, precision, self.backend, verify)
-        self._graphs = self._graph_set.loaded
 
     def check_family(self, family: Family) -> None:
         """Raise when this runtime cannot serve a bundle of ``family``."""
@@ -48,9 +48,12 @@ class BundleRuntime:
     def describe_loaded(self) -> list[str]:
         """One line per loaded graph: the file that runs and, for calibrated int8 graphs, the int8 form."""
         lines = []
-        for name, runner in self._graphs.items():
-            file = getattr(runner, "engine", None) or runner.record.file
-            int8 = getattr(runner, "int8", None)
-            lines.append(f"{name}: {file} ({self.backend.name}, {self.precision})"
-                         + (f"; int8 kernel {int8.describe()}" if int8 is not None else ""))
+        for name, runner in self._graph_set.loaded.items():
+            f = runner.facts
+            lines.append(f"{name}: {f.file} ({self.backend.name}, {self.precision})"
+                         + (f"; int8 kernel {f.int8.describe()}" if f.int8 is not None else ""))
         return lines
+
+    def wrap_graph(self, name: GraphName, wrap: Callable[[GraphRunner], GraphRunner]) -> GraphRunner:
+        """Replace the runner of ``name`` by ``wrap(runner)`` (recorders, instrumentation); returns it."""
+        return self._graph_set.wrap(name, wrap)

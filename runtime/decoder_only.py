@@ -1,6 +1,7 @@
 """Decoder-only LLMs (OPT and other causal LMs): prefill once, then one position per step.
 
-Two ways to hold the KV cache, chosen by the decoder graph the backend loaded (``decoder.kv_cache``):
+Two ways to hold the KV cache, chosen by the decoder graph the backend loaded (``decoder.facts.kv_cache``,
+see :class:`runtime.backends.RunnerFacts`):
 
 * ``concat`` (the exported graph, any backend): sequences of a batch are left-padded so every row's
   newest token sits in the last column: ``[pad ... pad, visual prefix, prompt ids]``. Padded positions
@@ -12,7 +13,7 @@ Two ways to hold the KV cache, chosen by the decoder graph the backend loaded (`
   writes each new position in place. Rows are aligned at position 0 (row ``b`` holds ``len_b``
   positions) and the attention mask marks ``[0, len_b)``. A step therefore copies nothing: its logits
   land in a buffer bound once per binding, and the loop allocates only a few small arrays per token.
-  The buffers have the engine's cache type (``decoder.kv_dtype``: int8 for an int8 build's engine).
+  The buffers have the engine's cache type (``decoder.facts.kv_dtype``: int8 for an int8 build's engine).
 
 Both give the same logits; a state is consumed by ``step`` (its cache may be extended in place).
 """
@@ -24,10 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backends import KV_SHARED, GraphRunner
 from runtime.contract import GraphName, past_name
 from runtime.manifest import Manifest
-
-KV_SHARED = "shared_buffer"  # engines.ort_optimize.KV_SHARED (engines/ is not imported by the runtime)
 _CAPACITY_STEP = 64  # growth granule of a shared cache whose final length is not known
 
 
@@ -46,7 +46,7 @@ class DecoderOnlyModel:
     ``max_new_tokens`` (optional) sizes an in-place cache once for the whole generation.
     """
 
-    def __init__(self, manifest: Manifest, decoder, embed: np.ndarray, prefix: np.ndarray,
+    def __init__(self, manifest: Manifest, decoder: GraphRunner, embed: np.ndarray, prefix: np.ndarray,
                  prompt_ids: list[list[int]], max_new_tokens: int | None = None):
         self.m = manifest.model
         self.decoder = decoder
@@ -55,11 +55,11 @@ class DecoderOnlyModel:
         self.prompt_ids = prompt_ids
         self.batch = len(prompt_ids)
         self.dtype = np.dtype(decoder.record.io.inputs[0].dtype)
-        self.kv_dtype = np.dtype(getattr(decoder, "kv_dtype", self.dtype))  # an ORT engine may keep int8
+        self.kv_dtype = np.dtype(decoder.facts.kv_dtype or self.dtype)  # an ORT engine may keep int8
         self.logits_dtype = np.dtype(next(t.dtype for t in decoder.record.io.outputs if t.name == "logits"))
         self.layers = self.m.llm_layers
         self.max_new_tokens = max_new_tokens
-        self.shared = getattr(decoder, "kv_cache", "concat") == KV_SHARED and hasattr(decoder, "binding")
+        self.shared = decoder.facts.kv_cache == KV_SHARED
         self._names = [(past_name(i, k), past_name(i, k, "present")) for i in range(self.layers)
                        for k in ("key", "value")]
 

@@ -27,7 +27,9 @@ MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 RESAMPLE = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 IO_DTYPES = ("float32", "float16", "int64", "int32")  # what a graph input or output may be
-KV_CACHE_MODES = ("concat", "shared_buffer")  # notes["ort_engine"]["kv_cache"], see runtime.decoder_only
+KV_CONCAT = "concat"  # a decoder's cache: past in, past + new out (the exported graph; every backend)
+KV_SHARED = "shared_buffer"  # one cache buffer bound as past and present (ORT engine builds; runtime.decoder_only)
+KV_CACHE_MODES = (KV_CONCAT, KV_SHARED)  # notes["ort_engine"]["kv_cache"]
 _MAX_SIZE = 1 << 24  # no model size, token id or length in a real manifest comes near this
 MAX_MANIFEST_BYTES = 16 << 20
 # Caps on what a (possibly hostile) manifest may ask the runtime to allocate or loop over. Published
@@ -100,7 +102,7 @@ class ModelFacts:
     qformer_hidden: int
     llm_hidden: int
     llm_layers: int
-    llm_heads: int
+    llm_heads: int  # key/value heads: the KV cache's width (num_key_value_heads where the LLM has grouped queries)
     head_dim: int
     vocab_size: int
     max_context: int
@@ -110,6 +112,11 @@ class ModelFacts:
     image_token_id: int | None
     decoder_start_token_id: int | None = None
     embed_dim: int = 256  # retrieval feature size
+    llm_query_heads: int | None = None  # query heads where they differ from llm_heads (grouped-query attention)
+
+    @property
+    def query_heads(self) -> int:
+        return self.llm_query_heads or self.llm_heads
 
 
 @dataclass(frozen=True)
@@ -335,6 +342,11 @@ class Manifest:
                 _in_range(f"model.{f}", getattr(m, f), 0, m.vocab_size - 1)
         for i in m.eos_token_ids:
             _in_range("model.eos_token_ids", i, 0, m.vocab_size - 1)
+        if m.llm_query_heads is not None:
+            _in_range("model.llm_query_heads", m.llm_query_heads, 1, MAX_CONTEXT)
+            if m.llm_query_heads % m.llm_heads:
+                raise BundleError(f"manifest model.llm_query_heads {m.llm_query_heads} is not a multiple of the "
+                                  f"{m.llm_heads} key/value heads (model.llm_heads)")
         if m.image_token_id is not None:
             _in_range("model.image_token_id", m.image_token_id, 0, _MAX_SIZE)
         p = self.preprocess

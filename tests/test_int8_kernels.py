@@ -120,8 +120,8 @@ def test_each_forced_form_is_the_one_that_runs(int8_bundle):
     for kernel in KERNELS:
         for engines in (True, False):
             rt, emb = _stages(int8_bundle, pv, int8_kernel=kernel, engines=engines)
-            assert rt.graph(GraphName.VISION).int8.kernel.value == kernel
-            assert (rt.graph(GraphName.VISION).engine is not None) == engines
+            assert rt.graph(GraphName.VISION).facts.int8.kernel.value == kernel
+            assert (rt.graph(GraphName.VISION).facts.engine is not None) == engines
             pre = rt.graph(GraphName.QFORMER).run({"image_embeds": e32})["visual_prefix"]
             out[kernel, engines] = emb, pre
     # the engine (uint8 activations) and the portable graph (int8 activations) hold the same integers

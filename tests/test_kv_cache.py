@@ -40,7 +40,7 @@ class Recorder:
 def _runtime_with_recorder(bundle, monkeypatch):
     rt = Blip2Runtime(bundle)
     decoder = rt.graph(GraphName.DECODER)
-    assert decoder.kv_cache == KV_SHARED  # the default: the ORT engine with the cache updated in place
+    assert decoder.facts.kv_cache == KV_SHARED  # the default: the ORT engine with the cache updated in place
     return rt, Recorder(monkeypatch, decoder)
 
 

@@ -54,8 +54,8 @@ def test_export_writes_an_engine_with_fused_attention(tiny_bundle):
 
 def test_backend_loads_the_engine_only_when_asked(tiny_bundle):
     on, off = _runtime(tiny_bundle, True).graph(GraphName.DECODER), _runtime(tiny_bundle, False).graph(GraphName.DECODER)
-    assert (on.kv_cache, off.kv_cache) == (KV_SHARED, "concat")
-    assert on.engine == "decoder.ort.onnx" and off.engine is None
+    assert (on.facts.kv_cache, off.facts.kv_cache) == (KV_SHARED, "concat")
+    assert on.facts.engine == "decoder.ort.onnx" and off.facts.engine is None
 
 
 def _teacher_forced(rt, steps: int, max_new_tokens, select_at: int | None = None):
@@ -166,11 +166,11 @@ def test_add_engines_to_an_existing_bundle(bundle_copy):
     dec["engines"], dec["notes"] = [], {}
     (bundle_copy / "decoder.ort.onnx").unlink()
     (bundle_copy / "manifest.json").write_text(json.dumps(raw))
-    assert _runtime(bundle_copy, True).graph(GraphName.DECODER).kv_cache == "concat"
+    assert _runtime(bundle_copy, True).graph(GraphName.DECODER).facts.kv_cache == "concat"
     assert add_ort_engines(bundle_copy) == ["fp32"]
     assert add_ort_engines(bundle_copy) == []  # already there
     load_manifest(bundle_copy, verify=True)  # checksums of the new engine are recorded
-    assert _runtime(bundle_copy, True).graph(GraphName.DECODER).kv_cache == KV_SHARED
+    assert _runtime(bundle_copy, True).graph(GraphName.DECODER).facts.kv_cache == KV_SHARED
 
 
 @pytest.mark.parametrize("mode", ["fold", "nbits"])

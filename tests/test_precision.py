@@ -122,9 +122,9 @@ def test_int8_ort_engines_compute_what_the_portable_graphs_compute(built):
     give the portable int8 graphs' values (same integers), at the speed of ORT's VNNI kernels."""
     bundle, _ = built
     fast, plain = (Blip2Runtime(bundle, precision="int8", engines=e, threads=1) for e in (True, False))
-    assert fast.graph(GraphName.VISION).engine == "vision.int8.ort.onnx"
-    assert plain.graph(GraphName.VISION).engine is None
-    assert fast.graph(GraphName.QFORMER).engine == "qformer.int8.ort.onnx"
+    assert fast.graph(GraphName.VISION).facts.engine == "vision.int8.ort.onnx"
+    assert plain.graph(GraphName.VISION).facts.engine is None
+    assert fast.graph(GraphName.QFORMER).facts.engine == "qformer.int8.ort.onnx"
     pv = fast.pixel_values(list_images(None, count=2))
     emb = [rt.image_embeds(pv) for rt in (fast, plain)]
     scale = float(np.abs(emb[1]).max())
@@ -142,7 +142,7 @@ def test_padded_batch_is_finite_and_matches_single_rows(built, precision, monkey
     images = list_images(None, count=2)
     prompts = ["", "Question: what is in the picture? Answer:"]
     decoder = rt.graph(rt.manifest.required_graphs()[-1])
-    assert decoder.engine is not None  # the default: the ORT engine, run through its IO binding
+    assert decoder.facts.engine is not None  # the default: the ORT engine, run through its IO binding
     checked = []
     real_run = OrtBinding.run
 
@@ -159,7 +159,7 @@ def test_padded_batch_is_finite_and_matches_single_rows(built, precision, monkey
     batch = rt.generate(images, prompts, max_new_tokens=8)
     monkeypatch.undo()
     assert any(n.startswith("out:logits") or n == "logits" for n in checked)
-    assert any("past." in n for n in checked) == (decoder.kv_dtype.kind == "f")  # an int8 cache is integers
+    assert any("past." in n for n in checked) == (np.dtype(decoder.facts.kv_dtype or "float32").kind == "f")  # an int8 cache is integers
     for img, prompt, got in zip(images, prompts, batch):
         assert rt.generate([img], [prompt], max_new_tokens=8)[0].token_ids == got.token_ids
 
@@ -193,7 +193,7 @@ def test_int8_kv_cache_against_an_fp32_cache(built, tmp_path):
     assert "kv_dtype" not in load_manifest(exact).graph("decoder", "int8").notes["ort_engine"]
     q8, s8, dec8 = _teacher_forced_int8(bundle)
     q32, s32, dec32 = _teacher_forced_int8(exact)
-    assert dec8.kv_dtype == np.int8 and dec32.kv_dtype == np.float32
+    assert dec8.facts.kv_dtype == "int8" and dec32.facts.kv_dtype is None  # None: the graph's float type
     k8, k32 = s8.past["past.0.key"], s32.past["past.0.key"]
     assert k8.dtype == np.int8 and k32.dtype == np.float32 and k8.shape == k32.shape and 4 * k8.nbytes == k32.nbytes
     assert np.abs(k8[:, :, :5].astype(np.int32)).max() > 16  # the scales use the int8 range

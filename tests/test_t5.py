@@ -232,8 +232,8 @@ def test_int8_t5_graphs_get_weight_engines(t5, tmp_path):
         rec = m.graph(name, "int8")
         assert rec.notes["ort_engine"]["int8_matmul"]["layers"] == rec.notes["linear_layers_quantized"], name
     fast, plain = (Blip2Runtime(bundle, precision="int8", engines=e, threads=1) for e in (True, False))
-    assert all(fast.graph(n).engine and fast.graph(n).engine.endswith(".ort.onnx") for n in llm)
-    assert not any(plain.graph(n).engine for n in llm)
+    assert all(fast.graph(n).facts.engine and fast.graph(n).facts.engine.endswith(".ort.onnx") for n in llm)
+    assert not any(plain.graph(n).facts.engine for n in llm)
     feeds = {"inputs_embeds": np.random.default_rng(0).normal(size=(2, 12, m.model.llm_hidden)).astype(np.float32),
              "attention_mask": np.ones((2, 12), np.int64)}
     a, b = (rt.graph(GraphName.ENCODER).run(feeds)["encoder_hidden_states"] for rt in (fast, plain))

@@ -7,7 +7,7 @@ inputs (the in-place KV cache of an ORT engine build, see ``engines.ort_optimize
 
 When the bundle holds an ORT engine build of a graph (``EngineRecord`` with ``backend="ort"``, made
 once at export), the backend loads it instead of the portable graph and says how its KV cache must be
-fed (:attr:`OrtGraph.kv_cache`).
+fed (``OrtGraph.facts``, a :class:`runtime.backends.RunnerFacts`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import deadline as _deadline
+from runtime.backends import KV_CONCAT, RunnerFacts
 from runtime.backends.int8_kernels import (
     X86_ARCHS,
     Int8Choice,
@@ -35,9 +36,6 @@ from runtime.manifest import EngineRecord, GraphRecord
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8}
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
               "int32": "tensor(int32)", "int8": "tensor(int8)"}  # how ORT names them (NodeArg.type)
-KV_CONCAT = "concat"  # past in, past + new out (the exported graph)
-
-
 
 
 def _x86() -> bool:
@@ -54,15 +52,12 @@ class OrtGraph:
         self.session = session
         self._keep_alive = keep or []  # external initializers, where this ORT does not copy them
         self.record = record
-        self.kv_cache = kv_cache  # "concat" or engines.ort_optimize.KV_SHARED
-        self.engine = engine  # file of the ORT engine build that was loaded, None for the portable graph
-        self.int8 = int8  # the int8 weight form loaded (calibrated int8 graphs), see runtime.backends.int8_kernels
         self.calls = 0
         self._lock = threading.Lock()
         self._inputs = [t.name for t in record.io.inputs]
         self._outputs = [t.name for t in record.io.outputs]
         self._dtypes = {t.name: _DTYPES[t.dtype] for t in (*record.io.inputs, *record.io.outputs)}
-        where = engine or record.file
+        where = engine or record.file  # engine: the ORT engine build's file (None: the portable graph runs)
         if kv_dtype is not None:  # an engine that stores its KV cache in another type (manifest notes)
             if kv_dtype not in _DTYPES:
                 raise Blip2Error(f"graph {where}: KV cache type {kv_dtype!r} is not one this runtime knows",
@@ -70,8 +65,7 @@ class OrtGraph:
             for name in self._dtypes:
                 if name.startswith(("past.", "present.")):
                     self._dtypes[name] = _DTYPES[kv_dtype]
-        self.kv_dtype = np.dtype(next((d for n, d in self._dtypes.items() if n.startswith("past.")),
-                                      _DTYPES[record.io.inputs[0].dtype]))
+        self.facts = RunnerFacts(file=where, engine=engine, kv_cache=kv_cache, kv_dtype=kv_dtype, int8=int8)
         got = [i.name for i in session.get_inputs()]
         if got != self._inputs:
             raise Blip2Error(f"graph {where} inputs {got} differ from the manifest's {self._inputs}",
@@ -118,7 +112,7 @@ class OrtGraph:
             if d is not None and d.expired:
                 raise d.error() from None
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise Blip2Error(f"ONNX Runtime failed running graph {self.engine or self.record.file}: "
+            raise Blip2Error(f"ONNX Runtime failed running graph {self.facts.file}: "
                              f"{printable(first)[:300]}", hint="the bundle's graph does not fit its manifest or this "
                                                                "input: re-export the bundle") from None
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
+from runtime.backends import RunnerFacts
 from runtime.errors import Blip2Error, BundleError, MissingDependencyError
 from runtime.manifest import EngineRecord, GraphRecord
 
@@ -139,8 +140,9 @@ class TrtGraph:
     ONNX Runtime); calls are serialised by a lock, since an execution context is not thread-safe.
     """
 
-    def __init__(self, trt_module: Any, cudart: Any, engine: trt.ICudaEngine, record: GraphRecord):
+    def __init__(self, trt_module: Any, cudart: Any, engine: trt.ICudaEngine, record: GraphRecord, file: str):
         self.trt, self.cudart, self.engine, self.record = trt_module, cudart, engine, record
+        self.facts = RunnerFacts(file=file, engine=file)
         self.context: trt.IExecutionContext = engine.create_execution_context()
         if self.context is None:
             raise Blip2Error(f"TensorRT could not create an execution context for {record.name}")
@@ -207,6 +209,10 @@ class TrtGraph:
             del hold
         return outs
 
+    def binding(self) -> NoReturn:
+        raise Blip2Error(f"graph {self.record.name}: TensorRT engines run through run(); they have no in-place "
+                         "KV binding (facts.kv_cache is concat)")
+
     def __del__(self) -> None:
         try:
             for ptr, _ in self._buffers.values():
@@ -240,4 +246,4 @@ class TrtBackend:
             raise BundleError(f"TensorRT cannot load {engine_rec.file}",
                               hint=f"rebuild it: blip2-export build BUNDLE --precision {record.precision} "
                                    "--backend trt --force")
-        return TrtGraph(self.trt, self.cudart, engine, record)
+        return TrtGraph(self.trt, self.cudart, engine, record, engine_rec.file)
