@@ -514,7 +514,7 @@ def bench(model_dir, bundle, backends, batches, new_tokens, contexts, repeats, w
     On a GPU:
       blip2-export bench bench-model bench-bundle --device cuda --backends eager,ort-fp16,trt-fp16
     """
-    from blip2_export.bench import BenchConfig, build_bench_model, run_bench, write_report
+    from blip2_export.bench import BenchConfig, build_bench_model, render_markdown, run_bench, write_report
 
     cfg = BenchConfig(backends=tuple(b.strip() for b in backends.split(",") if b.strip()), batches=batches,
                       new_tokens=new_tokens, contexts=contexts, warmup=warmup, repeats=repeats,
@@ -526,8 +526,6 @@ def bench(model_dir, bundle, backends, batches, new_tokens, contexts, repeats, w
                           max_batch=max(8, *batches), echo=_echo)
     report = run_bench(model_dir, bundle, cfg, echo=_echo)
     paths = write_report(report, out)
-    from blip2_export.bench import render_markdown
-
     _echo(render_markdown(report))
     _echo("wrote " + ", ".join(str(p) for p in paths.values()))
 

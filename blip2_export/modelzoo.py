@@ -100,7 +100,14 @@ def get_spec(preset: str | ModelSpec, **overrides: Any) -> ModelSpec:
 
 def make_config(spec: ModelSpec, tokenizer):
     """A ``Blip2Config`` for ``spec`` whose special ids match ``tokenizer``."""
-    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig, OPTConfig, T5Config
+    from transformers import (
+        Blip2Config,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        LlamaConfig,
+        OPTConfig,
+        T5Config,
+    )
 
     vision = Blip2VisionConfig(
         hidden_size=spec.vision_hidden, intermediate_size=spec.vision_ffn,

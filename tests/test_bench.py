@@ -10,12 +10,14 @@ import pytest
 from blip2_export.bench import (
     STAGES,
     BenchConfig,
+    BenchReport,
     evaluate_targets,
     kv_bytes,
     memory_bandwidth,
     onnx_weight_bytes,
     parse_backend,
     percentiles,
+    render_markdown,
     run_bench,
 )
 from blip2_export.cli import main
@@ -69,6 +71,7 @@ def test_bench_writes_json_markdown_and_plot(report_dir):
     assert any(n.startswith("ort-fp32 end to end") for n in names)
     assert any("roofline" in n for n in names) and any("context 40" in n for n in names)
     md = (report_dir / "report.md").read_text()
+    assert render_markdown(BenchReport.from_json(r)) == md  # the JSON holds the whole typed report
     assert "| ort-fp32 | 1 |" in md and "| eager | 2 |" in md and "roofline" in md
     if trt["status"] != "ok":
         assert f"`trt-fp16`: skipped, {trt['reason']}" in md
@@ -95,10 +98,10 @@ def test_ort_int8_is_held_against_torch_dynamic_int8():
         sweep = [{"batch": 1, "context": 64, "ms": {"p50": 2.0, "min": 2.0}, "roofline_ms": 1.0}]
         report = {"backends": {"ort-int8": {"status": "ok", "e2e": e2e(int8_ms), "decode_sweep": sweep},
                                "eager-dynint8": {"status": peer_status, "e2e": e2e(100.0)}}}
-        return next((t for t in evaluate_targets(report) if "eager-dynint8" in t["target"]), None)
+        return next((t for t in evaluate_targets(report["backends"]) if "eager-dynint8" in t.target), None)
 
-    assert row(50.0)["value"] == pytest.approx(0.5) and row(50.0)["met"] is True
-    assert row(70.0)["met"] is False
+    assert row(50.0).value == pytest.approx(0.5) and row(50.0).met is True
+    assert row(70.0).met is False
     assert row(50.0, peer_status="skipped") is None  # no peer in the run, no row
 
 
@@ -108,10 +111,10 @@ def test_fp16_on_an_x86_cpu_is_explained_in_the_targets():
     backend = {"status": "ok", "e2e": {}, "decode_sweep": sweep}
 
     def fp16_note(arch, device="cpu"):
-        report = {"backends": {"ort-fp16": backend}, "machine": {"arch": arch}, "settings": {"device": device}}
-        row = next(t for t in evaluate_targets(report) if t["target"].startswith("ort-fp16 decode within"))
-        assert row["value"] == pytest.approx(2.2) and row["met"] is False
-        return row["note"]
+        rows = evaluate_targets({"ort-fp16": backend}, arch=arch, device=device)
+        row = next(t for t in rows if t.target.startswith("ort-fp16 decode within"))
+        assert row.value == pytest.approx(2.2) and row.met is False
+        return row.note
 
     assert "no fp16 matmul kernels" in fp16_note("x86_64")
     assert "no fp16 matmul kernels" not in fp16_note("aarch64")
@@ -181,9 +184,9 @@ def test_bench_on_the_gpu(tiny_checkpoint, tiny_bundle, tmp_path):
     r = run_bench(tiny_checkpoint, tiny_bundle, BenchConfig(backends=backends, contexts=(16, 40), new_tokens=4,
                                                             repeats=1, warmup=1, decode_steps=2, device="cuda",
                                                             progress=False))
-    assert r["machine"]["gpu"] and r["settings"]["device"] == "cuda"
+    assert r.machine["gpu"] and r.settings["device"] == "cuda"
     for spec in backends:
-        b = r["backends"][spec]
+        b = r.backends[spec]
         assert b["status"] == "ok" and b["device"] == "cuda" and b["gpu_peak_mb"] > 0, b
-    assert r["backends"]["eager"]["precision"] == "fp16" and r["backends"]["eager"]["kv_itemsize"] == 2
-    assert r["bandwidth_gb_s"] > 50  # any CUDA GPU streams device memory faster than this
+    assert r.backends["eager"]["precision"] == "fp16" and r.backends["eager"]["kv_itemsize"] == 2
+    assert r.bandwidth_gb_s > 50  # any CUDA GPU streams device memory faster than this
