@@ -13,8 +13,12 @@ from pathlib import Path
 
 import torch
 
+from blip2_export.modelzoo import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_checkpoint
 from runtime.errors import Blip2Error
+from runtime.integrity import atomic_write_text
 from trainer import data
+from trainer.evaluate import itm_scores
+from trainer.models import Stage1, generate_captions, tokenize
 
 
 def corrupt_captions(records: list[dict], fraction: float, seed: int = 0) -> list[dict]:
@@ -43,10 +47,6 @@ def capfilt(data_dir: str | Path, jsonl: str | Path, captioner: str | Path, filt
     Returns counts, and when the records carry ``noisy`` flags (see :func:`corrupt_captions`) the share
     of wrong pairs removed and right pairs kept.
     """
-    from blip2_export.modelzoo import load_checkpoint
-    from runtime.integrity import atomic_write_text
-    from trainer.evaluate import itm_scores
-    from trainer.models import Stage1, generate_captions, tokenize
 
     stage1 = Stage1.load(filter_model)
     blip, tok, _ = load_checkpoint(captioner)
@@ -57,7 +57,6 @@ def capfilt(data_dir: str | Path, jsonl: str | Path, captioner: str | Path, filt
     import numpy as np
     from PIL import Image
 
-    from blip2_export.modelzoo import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     arrays = []
     for rec in records:

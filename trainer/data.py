@@ -15,7 +15,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from blip2_export.modelzoo import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from runtime.errors import Blip2Error
+from runtime.integrity import atomic_directory
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230),
@@ -107,7 +109,6 @@ def generate_dataset(out: str | Path, sizes: dict[str, int] | None = None, seed:
     Test captions are the same kind of captions as train ones (the caption space is small enough that most
     appear in training); test images are new draws.
     """
-    from runtime.integrity import atomic_directory
 
     sizes = sizes or {"train": 8000, "val": 500, "test": 500}
     with atomic_directory(out, force=force) as tmp:
@@ -156,7 +157,6 @@ def load_split(data_dir: str | Path, split: str, image_size: int, limit: int | N
     import torch
     from PIL import Image
 
-    from blip2_export.modelzoo import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     data_dir = Path(data_dir)
     records = read_jsonl(data_dir / f"{split}.jsonl")[:limit]
@@ -229,7 +229,6 @@ def generate_vqa_dataset(out: str | Path, sizes: dict[str, int] | None = None, s
     """
     from PIL import Image
 
-    from runtime.integrity import atomic_directory
 
     sizes = sizes or {"train": 400, "val": 100, "test": 100}
     with atomic_directory(out, force=force) as tmp:

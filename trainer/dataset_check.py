@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import Blip2Error
+from runtime.preprocess import load_image
 
 KINDS = ("invalid JSON", "no caption or question/answer", "empty text", "missing image", "unreadable image",
          "duplicate")
@@ -73,7 +74,6 @@ def _text(rec: dict, key: str) -> str | None:
 
 def _readable(path: Path) -> str | None:
     """``None`` when the image decodes (as training will read it), else the reason."""
-    from runtime.preprocess import load_image
 
     try:
         img = load_image(path)

@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip2_export.export import generation_ids
+from blip2_export.modelzoo import (
+    load_checkpoint,
+    save_tokenizer,
+    standardize_tokenizer_files,
+    write_processor_config,
+)
 from runtime.errors import Blip2Error
+from runtime.preprocess import load_image
 from trainer import losses
 from trainer.dataset_check import DatasetReport, Sample, check_jsonl
 
@@ -175,8 +183,6 @@ class FinetuneTask:
     n_train: int = field(init=False)
 
     def __post_init__(self):
-        from blip2_export.export import generation_ids
-        from blip2_export.modelzoo import load_checkpoint
 
         self.cfg.validate()
         self.report = self.report or check_jsonl(Path(self.cfg.data) / "train.jsonl")
@@ -213,7 +219,6 @@ class FinetuneTask:
         return {"ids": tok(prompt).input_ids, "target": target}
 
     def pixels(self, paths: list[Path]) -> torch.Tensor:
-        from runtime.preprocess import load_image
 
         todo = [p for p in dict.fromkeys(paths) if p not in self._cache]
         if todo:
@@ -289,7 +294,6 @@ class FinetuneTask:
 def generate_answers(blip, tokenizer, processor, samples: list[Sample], cfg: FinetuneConfig, ids: dict,
                      batch_size: int = 64) -> list[str]:
     """Greedy outputs for ``samples`` with their prompts, in batches of equal prompt length (no padding)."""
-    from runtime.preprocess import load_image
 
     blip.eval()
     Q, image_id = blip.config.num_query_tokens, blip.config.image_token_index
@@ -350,7 +354,6 @@ def _weights_layout(folder: Path) -> tuple[torch.dtype, str | None]:
 def save_like_input(blip, tokenizer, init: Path, folder: Path, meta: dict) -> None:
     """Write ``blip`` to ``folder`` in the layout of the checkpoint ``init``: its non-weight files as they
     are (tokenizer files made loadable by ``Blip2Processor``), the weights in its dtype and sharding."""
-    from blip2_export.modelzoo import save_tokenizer, standardize_tokenizer_files, write_processor_config
 
     dtype, shard = _weights_layout(init)
     for p in init.iterdir():

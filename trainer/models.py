@@ -24,9 +24,11 @@ from blip2_export.modelzoo import (
     ModelSpec,
     make_config,
     make_image_processor,
+    save_checkpoint,
     save_tokenizer,
     write_processor_config,
 )
+from blip2_export.text_tokenizer import build_word_tokenizer
 from runtime.errors import Blip2Error
 from trainer import losses
 
@@ -46,7 +48,6 @@ def make_tokenizer(words, llm: str = "opt"):
     The Q-Former text encoder uses the OPT-style one plus ``</s>``: ``<s>`` is its [CLS], and ITG
     replaces it with ``[DEC]`` and predicts the caption up to ``</s>``.
     """
-    from blip2_export.text_tokenizer import build_word_tokenizer
 
     if llm == "qformer":
         tok = build_word_tokenizer(words, add_bos=True, add_eos=True)
@@ -465,7 +466,6 @@ class Stage2(nn.Module):
         return loss, {"prefix_lm": loss.detach()}
 
     def save(self, path: str | Path, image_processor=None) -> None:
-        from blip2_export.modelzoo import save_checkpoint
 
         save_checkpoint(self.blip, self.tokenizer, image_processor or make_image_processor(self.spec), path)
         (Path(path) / TRAINER_FILE).write_text(json.dumps({"stage": 2, "spec": spec_to_json(self.spec)}, indent=2))

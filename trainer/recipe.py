@@ -13,8 +13,17 @@ from pathlib import Path
 
 import torch
 
-from trainer.models import TRAINER_SPEC
+from blip2_export.modelzoo import load_checkpoint
+from runtime.errors import Blip2Error
+from runtime.integrity import atomic_directory, atomic_write_text
+from trainer import data, evaluate
+from trainer.capfilt import capfilt as run_capfilt
+from trainer.capfilt import corrupt_captions
+from trainer.data import generate_dataset, read_jsonl
+from trainer.models import TRAINER_SPEC, Stage1, generate_captions, tokenize
+from trainer.tasks import Stage1Task, Stage2Task
 from trainer.train import LoopConfig, train
+from trainer.unimodal import TextTask, VisionTask
 
 # steps per stage (batch 64): about 10 minutes on 2 CPU cores
 FULL = {"data": {"train": 8000, "val": 500, "test": 500}, "vision": 800, "lm": 400, "stage1": 500,
@@ -29,9 +38,6 @@ QUICK_SIZES = {"vision_hidden": 32, "vision_layers": 2, "vision_heads": 2, "visi
 def score(data_dir, stage1_dir=None, stage2_dir=None, split: str = "test", limit: int = 500,
           rerank_k: int = 0) -> dict:
     """Test-split numbers: R@1 both ways among 100 candidates (stage 1); captions (stage 2)."""
-    from blip2_export.modelzoo import load_checkpoint
-    from trainer import data, evaluate
-    from trainer.models import Stage1, generate_captions, tokenize
 
     out: dict = {}
     if stage1_dir:
@@ -63,9 +69,6 @@ def _stage(task, folder: Path, steps: int, threads: int, timings: dict, **kw) ->
 
 def run_recipe(out: str | Path, t5: bool = False, ablations: bool = False, capfilt: bool = False,
                quick: bool = False, threads: int = 1) -> dict:
-    from trainer.data import generate_dataset
-    from trainer.tasks import Stage1Task, Stage2Task
-    from trainer.unimodal import TextTask, VisionTask
 
     torch.set_num_threads(threads)
     out = Path(out)
@@ -107,10 +110,6 @@ def run_recipe(out: str | Path, t5: bool = False, ablations: bool = False, capfi
         report["ablations"] = {"stage2_without_stage1": score(d, None, a1),
                                "stage1_without_itg": score(d, a2s1, a2s2)}
     if capfilt:
-        from runtime.integrity import atomic_write_text
-        from trainer.capfilt import capfilt as run_capfilt
-        from trainer.capfilt import corrupt_captions
-        from trainer.data import read_jsonl
 
         noisy = out / "capfilt" / "train_noisy.jsonl"
         noisy.parent.mkdir(parents=True, exist_ok=True)
@@ -131,16 +130,11 @@ def publish_demo(stage2_dir: str | Path, data_dir: str | Path, dest: str | Path,
     images to ``images``, with their reference and generated captions in ``images/captions.json``."""
     import shutil
 
-    from blip2_export.modelzoo import load_checkpoint
-    from runtime.integrity import atomic_directory
-    from trainer import data
-    from trainer.models import generate_captions
 
     stage2_dir = Path(stage2_dir)
     keep = [p for p in stage2_dir.iterdir() if p.is_file()]
     size = sum(p.stat().st_size for p in keep)
     if size > 20 * 2**20:
-        from runtime.errors import Blip2Error
 
         raise Blip2Error(f"{stage2_dir} is {size / 2**20:.1f} MB; the embedded demo model must be <= 20 MB")
     with atomic_directory(dest, force=True) as tmp:

@@ -11,7 +11,16 @@ import torch
 from blip2_export.modelzoo import ModelSpec
 from runtime.errors import Blip2Error
 from trainer import data, evaluate
-from trainer.models import Stage1, Stage2, load_llm, load_vision, make_tokenizer, spec_to_json, tokenize
+from trainer.models import (
+    Stage1,
+    Stage2,
+    generate_captions,
+    load_llm,
+    load_vision,
+    make_tokenizer,
+    spec_to_json,
+    tokenize,
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -142,7 +151,6 @@ class Stage2Task:
 
 
 def model_captions(blip, tokenizer, pixel_values) -> list[str]:
-    from trainer.models import generate_captions
 
     blip.eval()
     return generate_captions(blip, tokenizer, pixel_values)

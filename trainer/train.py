@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from runtime.errors import Blip2Error
+from runtime.integrity import atomic_directory
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest.pt"
@@ -301,7 +302,6 @@ def train(task: Task, cfg: LoopConfig) -> list[dict]:
     if bar is not None:
         bar.close()
     if master:
-        from runtime.integrity import atomic_directory
 
         with atomic_directory(out / "model", force=True) as tmp:
             task.save(model, tmp)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip2_export.modelzoo import ModelSpec, make_config, make_image_processor
+from blip2_export.modelzoo import ModelSpec, make_config, make_image_processor, save_tokenizer
 from runtime.errors import Blip2Error
 from trainer import data, losses
 from trainer.models import build_vision, init_weights, make_tokenizer, spec_to_json, tokenize
@@ -191,7 +191,6 @@ class TextTask:
         return {"val_loss": float(loss), "val_ppl": float(torch.exp(loss))}
 
     def save(self, model, folder):
-        from blip2_export.modelzoo import save_tokenizer
 
         model.lm.save_pretrained(folder)
         save_tokenizer(self.tokenizer, folder)
