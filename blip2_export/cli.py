@@ -2,7 +2,8 @@
 
 Every command reports user errors (bad input, wrong bundle, limits) as one ``error:`` line on
 stderr and exits with status 2; no traceback unless ``--debug``. Commands that only run a bundle
-(``run``, ``inspect``) never import torch or transformers.
+(``run``, ``inspect``) never import torch or transformers: that is why each command imports what it
+runs inside its body (export, parity, bench and evaluate need torch; tests/test_no_torch.py checks the rest).
 """
 
 from __future__ import annotations

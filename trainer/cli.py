@@ -18,6 +18,9 @@ or step by step:
 Every training command runs as one process or under torchrun (DDP over gloo on CPU), e.g.
 ``torchrun --nproc_per_node 2 -m trainer.cli stage1 ...``, and continues after a kill with
 ``--resume latest``.
+
+Each command imports what it runs inside its body (torch, transformers and the trainer modules): the
+heavy dependency is torch, and ``blip2-train --help`` should not wait for it.
 """
 
 from __future__ import annotations
