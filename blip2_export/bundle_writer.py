@@ -1,8 +1,8 @@
 """What every family's exporter shares: the export config, one graph's ONNX export, the text side
 (embedding table, tokenizer) and the manifest of a bundle being assembled.
 
-The family exporters (:mod:`blip2_export.export` for decoder-only LLMs, :mod:`blip2_export.export_seq2seq`,
-:mod:`blip2_export.export_retrieval`) plan their graphs and call these; none imports another.
+The export loop (:mod:`blip2_export.export`) and the family adapters (:mod:`blip2_export.families`)
+call these.
 """
 
 from __future__ import annotations

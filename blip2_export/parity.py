@@ -186,14 +186,13 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
     ``logits_diff=False`` skips the teacher-forced logits comparison."""
     import torch
 
-    from blip2_export.modelzoo import load_checkpoint
-    from runtime.decoder_only import DecoderOnlyModel
+    from blip2_export.families import load_for_export
     from runtime.pipeline import Blip2Runtime
     from runtime.preprocess import load_image
 
     if precision not in THRESHOLDS:
         raise Blip2Error(f"unknown precision {precision!r}; choose one of: {', '.join(THRESHOLDS)}")
-    model, tokenizer, processor = model_and_tokenizer or load_checkpoint(checkpoint)
+    family, (model, tokenizer, processor) = load_for_export(checkpoint, model_and_tokenizer)
     model = model.float().eval()
     rt = Blip2Runtime(bundle, precision=precision, backend=backend, **backend_options)
     t = THRESHOLDS[precision]
@@ -221,13 +220,10 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
     jobs = [(i, p) for i in range(len(pil)) for p in prompts]
     nq, image_id = model.config.num_query_tokens, model.config.image_token_index
-    decoder_only = model.config.use_decoder_only_language_model
     # The special ids the exporter resolved (text_config, then generation_config.json, then the tokenizer),
     # given to eager generate too: both sides stop and start on the same tokens by construction.
     facts = rt.manifest.model
-    special_ids: dict = {"eos_token_id": list(facts.eos_token_ids), "pad_token_id": facts.pad_token_id}
-    if not decoder_only:
-        special_ids["decoder_start_token_id"] = facts.decoder_start_token_id
+    special_ids = family.eager_special_ids(facts)
     it = range(0, len(jobs), batch)
     if progress:
         from tqdm import tqdm
@@ -249,7 +245,7 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
                     out = model.generate(pixel_values=pv_ref[i:i + 1], input_ids=ids,
                                          attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                          do_sample=False, num_beams=num_beams, **special_ids)
-                ref = out[0, ids.shape[1]:].tolist() if decoder_only else out[0, 1:].tolist()
+                ref = family.eager_new_tokens(out[0].tolist(), ids.shape[1])
                 ref = _trim(ref, list(facts.eos_token_ids), facts.pad_token_id)
                 if eager_cache is not None:
                     eager_cache[key] = ref
@@ -258,11 +254,9 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
             if first is None and len(ref) != len(g.token_ids):
                 first = min(len(ref), len(g.token_ids))
             ld = None
-            if logits_diff and not decoder_only and ref:
-                ld = _forced_logits_diff_seq2seq(model, rt, prefix[i:i + 1], prefix_ref[i:i + 1], text_ids, ref)
-            if logits_diff and decoder_only and ref:
-                ld = _forced_logits_diff(model, rt, DecoderOnlyModel, prefix[i:i + 1], prefix_ref[i:i + 1],
-                                         text_ids, ref)
+            if logits_diff and ref:  # both follow the eager tokens: the largest logits gap over the steps
+                logits_ref = family.eager_forced_logits(model, prefix_ref[i:i + 1], text_ids, ref, facts)
+                ld = _stepwise_max_diff(rt.step_model(prefix[i:i + 1], [list(text_ids)]), ref, logits_ref)
             report.generations.append(GenResult(
                 names[i], p, ref, g.token_ids, agree, max(len(ref), len(g.token_ids)), first, ld,
                 tokenizer.decode(ref, skip_special_tokens=True).strip(), g.text))
@@ -277,41 +271,6 @@ def _trim(ids: list[int], eos, pad: int) -> list[int]:
         if tok in eos_ids:
             break
     return out
-
-
-def _forced_logits_diff(model, rt, model_cls, prefix, prefix_ref, text_ids, ref) -> float:
-    """Max |logits| difference over the steps when both follow the eager model's tokens."""
-    import torch
-
-    from runtime.contract import GraphName
-
-    emb = model.get_input_embeddings()
-    with torch.no_grad():
-        forced = torch.tensor([list(text_ids) + ref[:-1]], dtype=torch.long)
-        embeds = torch.cat([prefix_ref, emb(forced)], dim=1)
-        logits_ref = model.language_model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2],
-                                          dtype=torch.long)).logits
-    start = prefix_ref.shape[1] + len(text_ids) - 1
-    logits_ref = logits_ref[0, start:].float().numpy()
-    sm = model_cls(rt.manifest, rt.graph(GraphName.DECODER), rt.embed, prefix, [list(text_ids)])
-    return _stepwise_max_diff(sm, ref, logits_ref)
-
-
-def _forced_logits_diff_seq2seq(model, rt, prefix, prefix_ref, text_ids, ref) -> float:
-    """Encoder-decoder version of :func:`_forced_logits_diff`: decoder fed [decoder_start] + eager tokens."""
-    import torch
-
-    from runtime.encoder_decoder import EncoderDecoderModel
-
-    lm = model.language_model
-    start = rt.manifest.model.decoder_start_token_id
-    with torch.no_grad():
-        embeds = torch.cat([prefix_ref, model.get_input_embeddings()(torch.tensor([list(text_ids)]))], dim=1)
-        dec_ids = torch.tensor([[start] + ref[:-1]], dtype=torch.long)
-        logits_ref = lm(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                        decoder_input_ids=dec_ids).logits[0].float().numpy()
-    sm = EncoderDecoderModel(rt, prefix, [list(text_ids)])
-    return _stepwise_max_diff(sm, ref, logits_ref)
 
 
 def _stepwise_max_diff(sm, ref: list[int], logits_ref: np.ndarray) -> float:

@@ -28,6 +28,7 @@ import numpy as np
 from runtime.backends import KV_SHARED, GraphRunner
 from runtime.contract import GraphName, past_name
 from runtime.manifest import Manifest
+
 _CAPACITY_STEP = 64  # growth granule of a shared cache whose final length is not known
 
 

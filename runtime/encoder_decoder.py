@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.backends import GraphRunner
 from runtime.contract import GraphName, past_name
+from runtime.manifest import Manifest
 
 
 @dataclass
@@ -30,15 +32,13 @@ class Seq2SeqState:
 class EncoderDecoderModel:
     """:class:`runtime.generation.StepModel` for one batch of (visual prefix, prompt ids)."""
 
-    def __init__(self, runtime, prefix: np.ndarray, prompt_ids: list[list[int]]):
-        manifest = runtime.manifest
+    def __init__(self, manifest: Manifest, encoder: GraphRunner, cross_kv: GraphRunner, decoder: GraphRunner,
+                 embed: np.ndarray, dec_embed: np.ndarray, prefix: np.ndarray, prompt_ids: list[list[int]]):
+        """``embed``: the encoder's token table; ``dec_embed``: the decoder's (the same table where tied)."""
         self.m = manifest.model
         self.dims = manifest.dims
-        self.encoder = runtime.graph(GraphName.ENCODER)
-        self.cross_kv = runtime.graph(GraphName.CROSS_KV)
-        self.decoder = runtime.graph(GraphName.SEQ2SEQ_DECODER)
-        self.embed = runtime._embed_table()
-        self.dec_embed = self.embed if runtime.dec_embed is None else runtime.dec_embed  # read at load
+        self.encoder, self.cross_kv, self.decoder = encoder, cross_kv, decoder
+        self.embed, self.dec_embed = embed, dec_embed
         self.prefix = prefix
         self.prompt_ids = [list(ids) for ids in prompt_ids]
         self.batch = len(prompt_ids)

@@ -23,7 +23,8 @@ from runtime.bundle_files import BundleFiles
 from runtime.bundle_runtime import BundleRuntime
 from runtime.contract import Family, GraphName
 from runtime.deadline import DEFAULT_TIMEOUT_S, deadline
-from runtime.errors import Blip2Error, InputError, LimitError
+from runtime.errors import Blip2Error, InputError
+from runtime.families import runtime_family, step_model
 from runtime.generation import GenerationConfig, StreamCallback, generate
 from runtime.preprocess import ImageLike, preprocess
 from runtime.text import load_table
@@ -85,22 +86,12 @@ class Blip2Runtime(BundleRuntime):
         return config.with_(**overrides).validate()
 
     def encode_prompts(self, prompts: Sequence[str], config: GenerationConfig) -> list[list[int]]:
+        """Token ids of each prompt, checked against the bundle's limits for ``config.max_new_tokens``."""
         ids = [self.tokenizer.encode(p) for p in prompts]
-        m = self.manifest.model
-        limit = m.max_context
-        for p, i in zip(prompts, ids):
-            need = m.num_query_tokens + len(i) + config.max_new_tokens
-            if self.family is Family.DECODER_ONLY and need > limit:
-                raise LimitError(
-                    f"prompt of {len(i)} tokens + {m.num_query_tokens} visual tokens + max_new_tokens "
-                    f"{config.max_new_tokens} = {need} exceeds the bundle's context of {limit} positions",
-                    hint="shorten the prompt, lower --max-new-tokens, or re-export with a larger --max-context",
-                )
-            if self.family is Family.ENCODER_DECODER:
-                self.manifest.dims["enc_seq"].check("visual tokens + prompt tokens", m.num_query_tokens + len(i),
-                                                    "--max-context")
-                self.manifest.dims["total"].check("decoder positions (1 + max_new_tokens)",
-                                                  1 + config.max_new_tokens, "--max-context")
+        check = runtime_family(self.family).check_prompt
+        for i in ids:
+            if check is not None:
+                check(self.manifest, i, config.max_new_tokens)
         return ids
 
     def generate(self, images: Sequence[ImageLike] | None = None, prompts: Sequence[str] | str | None = None,
@@ -140,24 +131,16 @@ class Blip2Runtime(BundleRuntime):
                              f"[batch, {exp[0]}, {exp[1]}]", hint="the bundle's Q-Former does not match its "
                                                                  "manifest: re-export the bundle")
         ids = self.encode_prompts(prompts, config)
-        model = self._step_model(prefix, ids, config.max_new_tokens)
+        model = self.step_model(prefix, ids, config.max_new_tokens)
         m = self.manifest.model
         seqs = generate(model, config, eos_token_ids=m.eos_token_ids, pad_token_id=m.pad_token_id, stream=stream)
         return [Generation(self.tokenizer.decode(s.token_ids).strip(), s.token_ids, s.finished) for s in seqs]
 
-    def _step_model(self, prefix: np.ndarray, prompt_ids: list[list[int]], max_new_tokens: int | None = None):
-        if self.family is Family.DECODER_ONLY:
-            from runtime.decoder_only import DecoderOnlyModel
+    def step_model(self, prefix: np.ndarray, prompt_ids: list[list[int]], max_new_tokens: int | None = None):
+        """The family's step model (:mod:`runtime.families`) for one batch of (visual prefix, prompt ids)."""
+        return step_model(self, prefix, prompt_ids, max_new_tokens)
 
-            return DecoderOnlyModel(self.manifest, self.graph(GraphName.DECODER), self._embed_table(), prefix,
-                                    prompt_ids, max_new_tokens=max_new_tokens)
-        if self.family is Family.ENCODER_DECODER:
-            from runtime.encoder_decoder import EncoderDecoderModel  # type: ignore[import-not-found]
-
-            return EncoderDecoderModel(self, prefix, prompt_ids)
-        raise Blip2Error(f"a {self.family.value} bundle does not generate text; use its retrieval API")
-
-    def _embed_table(self) -> np.ndarray:
+    def embed_table(self) -> np.ndarray:
         if self.embed is None:
             raise Blip2Error("bundle has no token embedding table")
         return self.embed

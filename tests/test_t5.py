@@ -142,7 +142,8 @@ def test_beam_reorder_reuses_cross_kv(rt):
     from runtime.encoder_decoder import EncoderDecoderModel
 
     prefix = rt.image_features(IMAGES[:2])
-    model = EncoderDecoderModel(rt, prefix, [rt.tokenizer.encode("a photo of"), rt.tokenizer.encode("")])
+    model = rt.step_model(prefix, [rt.tokenizer.encode("a photo of"), rt.tokenizer.encode("")])
+    assert isinstance(model, EncoderDecoderModel)  # the family's step model (runtime.families)
     _, state = model.prefill()
     expanded = model.select(state, np.repeat(np.arange(2), 3))
     assert next(iter(expanded.cross.values())).shape[0] == 6

@@ -1,0 +1,59 @@
+"""Model families, registered by :class:`runtime.contract.Family`: the exporter's and parity's seam.
+
+Adding a family is one module here (a :class:`FamilyAdapter` subclass, registered below), its graph
+wrappers, its IO in :mod:`runtime.contract`, and, where it generates with a new kind of graph, a step model
+registered in :mod:`runtime.families` (docs/architecture.md walks through it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blip2_export.families.base import FamilyAdapter, GraphPlan
+from blip2_export.families.decoder_only import DecoderOnlyFamily
+from blip2_export.families.encoder_decoder import EncoderDecoderFamily
+from blip2_export.families.generative import generation_ids, model_facts
+from blip2_export.families.retrieval import RetrievalFamily, retrieval_facts
+from blip2_export.modelzoo import load_checkpoint
+from runtime.contract import Family
+from runtime.errors import Blip2Error
+
+__all__ = ["FAMILIES", "FamilyAdapter", "GraphPlan", "family_of", "generation_ids", "load_for_export",
+           "model_facts", "register_family", "retrieval_facts"]
+
+FAMILIES: dict[Family, FamilyAdapter] = {}
+
+
+def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
+    if adapter.family in FAMILIES and type(FAMILIES[adapter.family]) is not type(adapter):
+        raise ValueError(f"family {adapter.family.value!r} is registered twice")
+    FAMILIES[adapter.family] = adapter
+    return adapter
+
+
+def family_of(model) -> FamilyAdapter:
+    """The adapter of a loaded model."""
+    for adapter in FAMILIES.values():
+        if adapter.matches(model):
+            return adapter
+    raise Blip2Error(f"no registered family exports a {type(model).__name__}; known: "
+                     f"{', '.join(f.value for f in FAMILIES)}", hint="see docs/architecture.md: add a family")
+
+
+def load_for_export(checkpoint: str | Path | None, model_and_tokenizer=None):
+    """``(adapter, (model, tokenizer, image_processor))`` for a checkpoint folder, or for a loaded model."""
+    if model_and_tokenizer is not None:
+        return family_of(model_and_tokenizer[0]), tuple(model_and_tokenizer)
+    if checkpoint is None:
+        raise Blip2Error("no checkpoint given")
+    path = Path(checkpoint)
+    for adapter in FAMILIES.values():
+        if adapter.claims_checkpoint(path):
+            return adapter, adapter.load(path)
+    loaded = load_checkpoint(path)
+    return family_of(loaded[0]), loaded
+
+
+register_family(DecoderOnlyFamily())
+register_family(EncoderDecoderFamily())
+register_family(RetrievalFamily())
