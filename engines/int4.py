@@ -30,6 +30,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -154,7 +155,7 @@ def int4_tensor(name: str, values: np.ndarray):
 
 
 # -- calibration: the inputs each linear layer sees ----------------------------------------------------
-def linear_layers(model, exclude: tuple[str, ...] = ()) -> list[tuple[object, str, bool]]:
+def linear_layers(model, exclude: tuple[str, ...] = ()) -> list[tuple[Any, str, bool]]:
     """(node, weight initializer name, trans_b) of every MatMul/Gemm with a constant 2-D float32 weight."""
     from onnx import TensorProto
 
