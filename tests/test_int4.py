@@ -251,3 +251,26 @@ def test_t5_int4_builds_weight_engines_that_compute_what_the_portable_graphs_com
     assert [g.runtime_ids for g in reps[0].generations] == [g.runtime_ids for g in reps[1].generations]
     assert all(s.ok for s in reps[0].stages) and not reps[0].nonfinite
     assert max(g.max_logits_diff for g in reps[0].generations) < 1.0, reps[0].render()
+
+
+def test_bench_holds_int4_decode_and_weight_bytes_against_int8():
+    from blip2_export.bench import evaluate_targets, parse_backend
+
+    assert parse_backend("ort-int4") == ("ort", "int4")
+
+    def report(int4_ms, int4_bytes):
+        sweep = [{"batch": 1, "context": 64, "ms": {"p50": 2.0, "min": 2.0}, "roofline_ms": 1.0}]
+
+        def backend(ms, nbytes):
+            return {"status": "ok", "weight_bytes": nbytes, "decode_sweep": sweep,
+                    "e2e": {"1": {"stages_ms": {"decode_per_token": {"p50": ms}, "e2e": {"p50": 10 * ms}}}}}
+
+        rows = evaluate_targets({"backends": {"ort-int4": backend(int4_ms, int4_bytes),
+                                              "ort-int8": backend(10.0, 1000)}})
+        return {r["target"].split(" <=")[0]: r for r in rows if "x ort-int8" in r["target"]}
+
+    rows = report(5.0, 500)
+    assert rows["ort-int4 decode step"]["value"] == pytest.approx(0.5) and rows["ort-int4 decode step"]["met"]
+    assert rows["ort-int4 LLM weight bytes"]["value"] == pytest.approx(0.5)
+    rows = report(7.0, 600)
+    assert not rows["ort-int4 decode step"]["met"] and not rows["ort-int4 LLM weight bytes"]["met"]
