@@ -176,36 +176,77 @@ def linear_layers(model, exclude: tuple[str, ...] = ()) -> list[tuple[Any, str, 
     return out
 
 
-def input_hessians(src: str | Path, feeds: list[dict[str, np.ndarray]], inputs: list[str]) -> dict[str, np.ndarray]:
-    """``X^T X`` [K, K] (float64) of each tensor in ``inputs`` (linear layers' activations) over ``feeds``,
-    computed by running the fp32 graph ``src`` with those tensors as extra outputs."""
-    import onnx
-    import onnxruntime as ort
+HESSIAN_BUDGET = 1 << 30  # bytes of X^T X held at once (float64); more layers -> more passes over the feeds
 
-    model = load_model(src)
-    names = list(dict.fromkeys(inputs))
-    have = {o.name for o in model.graph.output}
-    for n in names:
-        if n not in have:
-            model.graph.output.append(onnx.ValueInfoProto(name=n))
-    hess: dict[str, np.ndarray] = {}
-    with tempfile.TemporaryDirectory(prefix=".int4-calib-") as work:
-        path = Path(work) / "calib.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="calib.onnx.data", size_threshold=1024)
-        del model
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as exported
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+class InputHessians:
+    """``X^T X`` [K, K] (float64) of linear layers' input tensors over the calibration ``feeds``, computed
+    by running the fp32 graph ``src`` with those tensors as extra outputs.
+
+    Held a group at a time: asking for a tensor computes the group of consecutive ``inputs`` (graph
+    order) it belongs to, whose matrices fit in ``budget`` bytes, and drops the previous group, so a large
+    LLM (OPT-2.7B: 32 x 10240^2 for its fc2 layers alone) never holds all of them."""
+
+    def __init__(self, src: str | Path, feeds: list[dict[str, np.ndarray]], inputs: list[tuple[str, int]],
+                 budget: int = HESSIAN_BUDGET):
+        self.src, self.feeds, self.budget = Path(src), feeds, budget
+        self.order = list(dict.fromkeys(inputs))  # (tensor, K), first use order
+        self.held: dict[str, np.ndarray] = {}
+        self.passes = 0
+        self._work: tempfile.TemporaryDirectory | None = None
+        self._sess = None
+
+    def _session(self):
+        if self._sess is None:
+            import onnx
+            import onnxruntime as ort
+
+            model = load_model(self.src)
+            have = {o.name for o in model.graph.output}
+            for n, _ in self.order:
+                if n not in have:
+                    model.graph.output.append(onnx.ValueInfoProto(name=n))
+            self._work = tempfile.TemporaryDirectory(prefix=".int4-calib-")
+            path = Path(self._work.name) / "calib.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="calib.onnx.data", size_threshold=1024)
+            del model
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as exported
+            so.log_severity_level = 3
+            self._sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return self._sess
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name in self.held:
+            return self.held[name]
+        idx = next((i for i, (n, _) in enumerate(self.order) if n == name), None)
+        if idx is None:
+            return None
+        group, size = [], 0
+        for n, k in self.order[idx:]:
+            if group and size + 8 * k * k > self.budget:
+                break
+            group.append(n)
+            size += 8 * k * k
+        self.held = {}
+        sess = self._session()
         wanted = {i.name for i in sess.get_inputs()}
-        for feed in feeds:
-            outs = sess.run(names, {k: v for k, v in feed.items() if k in wanted})
-            for n, x in zip(names, outs):
+        for feed in self.feeds:
+            outs = sess.run(group, {k: v for k, v in feed.items() if k in wanted})
+            for n, x in zip(group, outs):
                 x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
                 h = x.T @ x
-                hess[n] = h if n not in hess else hess[n] + h
-    return hess
+                self.held[n] = h if n not in self.held else self.held[n] + h
+        self.passes += 1
+        return self.held[name]
+
+    def close(self) -> None:
+        self._sess = None
+        self.held = {}
+        if self._work is not None:
+            self._work.cleanup()
+            self._work = None
 
 
 # -- the transform -------------------------------------------------------------------------------------
@@ -237,9 +278,9 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
     ensure_node_names(model)
     head = logits_node(model, io)
     layers = linear_layers(model)
-    hess: dict[str, np.ndarray] = {}
-    if method == "gptq":
-        hess = input_hessians(src, feeds or [], [n.input[0] for n, _, _ in layers])
+    inits_by_name = {t.name: t for t in model.graph.initializer}
+    k_of = {w: int(inits_by_name[w].dims[1 if t else 0]) for _, w, t in layers}  # MatMul [K, N]; Gemm^T [N, K]
+    hess = InputHessians(src, feeds or [], [(n.input[0], k_of[w]) for n, w, _ in layers])
     inits = {t.name: t for t in model.graph.initializer}
     done: set[str] = set()
     new_nodes, new_inits, drop = [], [], set()
@@ -271,8 +312,8 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
                                               axis=axis, name=w + "__dequantize"))
         else:
             assert b is not None
-            h = hess.get(node.input[0])
-            if method == "gptq" and h is not None:
+            h = hess.get(node.input[0]) if method == "gptq" else None
+            if h is not None:
                 q, s = quantize_gptq(w_nk, h, b)
                 qr, sr = quantize_rtn(w_nk, b)
                 err_used += _output_error(w_nk, dequantize(q, s, b), h)
@@ -289,6 +330,7 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
         counts[as_] += 1
         drop.add(w)
         done.add(w)
+    hess.close()
     kept = [t for t in model.graph.initializer if t.name not in drop]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + new_inits)
@@ -313,7 +355,7 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
         "linear_layers": counts,
     }
     if method == "gptq":
-        notes["calibration"] = {"samples": len(feeds or []), "damp": GPTQ_DAMP,
+        notes["calibration"] = {"samples": len(feeds or []), "damp": GPTQ_DAMP, "passes": hess.passes,
                                 "output_error_vs_rtn": round(err_used / err_rtn, 4) if err_rtn else None}
     return Int4Result(model, notes)
 

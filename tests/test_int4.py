@@ -274,3 +274,32 @@ def test_bench_holds_int4_decode_and_weight_bytes_against_int8():
     assert rows["ort-int4 LLM weight bytes"]["value"] == pytest.approx(0.5)
     rows = report(7.0, 600)
     assert not rows["ort-int4 decode step"]["met"] and not rows["ort-int4 LLM weight bytes"]["met"]
+
+
+def test_input_hessians_are_held_a_group_at_a_time_within_the_budget(tmp_path):
+    """A large LLM's X^T X matrices do not all fit in memory: a small budget computes them in several passes
+    over the calibration feeds, with the same values."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engines.int4 import InputHessians
+
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.normal(size=(16, 32)).astype(np.float32), rng.normal(size=(32, 8)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "m.onnx"))
+    feeds = [{"x": rng.normal(size=(5, 16)).astype(np.float32)} for _ in range(3)]
+    inputs = [("x", 16), ("r", 32)]
+    one, split = (InputHessians(tmp_path / "m.onnx", feeds, inputs, budget=b) for b in (1 << 20, 8 * 32 * 32))
+    x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+    assert np.allclose(one.get("x"), x.T @ x)
+    for name in ("x", "r"):
+        assert np.allclose(one.get(name), split.get(name))
+    assert one.passes == 1 and split.passes == 2
+    one.close()
+    split.close()
