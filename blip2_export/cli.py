@@ -15,6 +15,8 @@ from pathlib import Path
 import click
 
 from runtime.errors import Blip2Error
+from runtime.precisions import PRECISION_NAMES
+from runtime.precisions import help_text as precision_help
 
 EXIT_USER_ERROR = 2
 
@@ -109,15 +111,13 @@ def _summary(bundle: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--precision", required=True, type=click.Choice(["fp16", "int8", "fp32"]),
-              help="fp16: fp16 weights/compute with fp32 islands (LayerNorm, softmax, Q-Former, logits). "
-                   "int8: Q/DQ int8 from calibration (vision, Q-Former) + weight-only int8 LLM. "
-                   "fp32: only with --backend trt (fp32 engines).")
+@click.option("--precision", required=True, type=click.Choice(list(PRECISION_NAMES)),
+              help=precision_help())
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt"]),
               help="ort: write <graph>.<precision>.onnx for ONNX Runtime; trt: also build TensorRT engines "
                    "(<graph>.<precision>.plan) for this GPU; auto: trt where TensorRT and a GPU exist, else ort.")
 @click.option("--calib-images", type=click.Path(path_type=Path), default=None,
-              help="int8: folder of calibration images (a few dozen like the ones the model will see).")
+              help="int8, int4: folder of calibration images (a few dozen like the ones the model will see).")
 @click.option("--calib-prompts", type=click.Path(path_type=Path), default=None,
               help="int8: text file, one prompt per line (empty line = caption). Default: 4 built-in prompts. "
                    "Retrieval bundles: required, captions like the ones you will rank.")
@@ -143,10 +143,21 @@ def _summary(bundle: Path) -> None:
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="trt: timing cache file, read before and updated after each build (reuse across builds).")
 @click.option("--workspace", "workspace_mb", default=4096, show_default=True, help="trt: builder workspace, MB.")
+@click.option("--int4-block", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
+              help="int4: LLM weights per block (one float32 scale each): smaller blocks are more accurate and "
+                   "larger (4.25 bits per weight at 128, 5 at 32).")
+@click.option("--int4-method", default="gptq", show_default=True, type=click.Choice(["gptq", "rtn"]),
+              help="int4: gptq chooses each weight's code with error feedback from the calibration activations "
+                   "(needs --calib-images); rtn is plain rounding.")
+@click.option("--int4-lm-head", default="int4", show_default=True, type=click.Choice(["int4", "int8", "fp32"]),
+              help="int4: the LM head's weight as int4 blocks, per-channel int8, or fp32.")
+@click.option("--int4-vision", default="int8", show_default=True, type=click.Choice(["int8", "fp16"]),
+              help="int4: vision and Q-Former as calibrated int8 (CPUs) or fp16 (GPUs).")
 @click.option("--force", is_flag=True, help="Redo the ONNX transform even if the bundle has this precision.")
 def build(bundle, precision, backend, calib_images, calib_prompts, calib_method, calib_percentile, calib_limit,
-          llm_int8, ort_int8, ort_kv_cache, max_batch, max_context, timing_cache, workspace_mb, force):
-    """Add --precision fp16|int8 graphs (and TensorRT engines) to BUNDLE, in place.
+          llm_int8, ort_int8, ort_kv_cache, max_batch, max_context, timing_cache, workspace_mb, int4_block,
+          int4_method, int4_lm_head, int4_vision, force):
+    """Add --precision graphs (and TensorRT engines) to BUNDLE, in place.
 
     Precision lives in the graph: each fp32 graph becomes <graph>.<precision>.onnx, which ONNX Runtime
     runs and TensorRT builds as a strongly typed network. The manifest records which layers stay in
@@ -156,6 +167,7 @@ def build(bundle, precision, backend, calib_images, calib_prompts, calib_method,
     Examples:
       blip2-export build ./bundle --precision fp16
       blip2-export build ./bundle --precision int8 --calib-images ./imgs
+      blip2-export build ./bundle --precision int4 --calib-images ./imgs --int4-block 64
       blip2-export build ./bundle --precision fp16 --backend trt --max-batch 4 --max-context 512 \\
           --timing-cache ./cache
       blip2-export run ./bundle --precision int8 --image x.jpg
@@ -166,7 +178,8 @@ def build(bundle, precision, backend, calib_images, calib_prompts, calib_method,
                       timing_cache=timing_cache, workspace_mb=workspace_mb, calib_images=calib_images,
                       calib_prompts=calib_prompts, calib_method=calib_method, calib_percentile=calib_percentile,
                       calib_limit=calib_limit, llm_int8=llm_int8, ort_int8=ort_int8,
-                      ort_kv_cache=ort_kv_cache, force=force)
+                      ort_kv_cache=ort_kv_cache, int4_block=int(int4_block), int4_method=int4_method,
+                      int4_lm_head=int4_lm_head, int4_vision=int4_vision, force=force)
     cfg.validate()
     report = build_bundle(bundle, cfg, progress=True, echo=_echo)
     _echo(report.render())
@@ -242,8 +255,8 @@ def _generation_options(f):
 @click.option("-p", "--prompt", "prompts", multiple=True,
               help="Prompt, e.g. 'Question: what is this? Answer:'. One for all images, or one per image. "
                    "Omit to caption.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
-              help="Which graphs of the bundle to run (fp16/int8 come from 'blip2-export build').")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(list(PRECISION_NAMES)),
+              help="Which graphs of the bundle to run (all but fp32 come from 'blip2-export build').")
 @_backend_option
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated (batch of one).")
@@ -315,7 +328,7 @@ def run(bundle, images, prompts, precision, backend, threads, stream, as_json, v
 @click.option("--top", default=5, show_default=True, help="Matches to print per query.")
 @click.option("--direction", default="i2t", show_default=True, type=click.Choice(["i2t", "t2i", "both"]),
               help="i2t: best texts for each image; t2i: best images for each text.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(list(PRECISION_NAMES)))
 @_backend_option
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per query.")
@@ -370,7 +383,7 @@ def retrieve(bundle, images_dir, texts_file, features_in, features_out, rerank_t
               help="Folder of images. Default: 8 deterministic synthetic images.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="Text file, one prompt per line (an empty line = plain caption). Default: 3 built-in prompts.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(list(PRECISION_NAMES)))
 @_backend_option
 @click.option("--beams", "num_beams", default=1, show_default=True, help="Compare beam search of this width.")
 @click.option("--batch", default=1, show_default=True, help="Runtime batch size (eager runs one at a time).")
@@ -537,7 +550,7 @@ def bench(model_dir, bundle, backends, batches, new_tokens, contexts, repeats, w
               help="Folder with <split>.jsonl lines {\"image\": ..., \"caption\": ...} (the trainer's format).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--precision", "precisions", multiple=True, default=("fp32",), show_default=True,
-              type=click.Choice(["fp32", "fp16", "int8"]), help="Repeat to compare precisions side by side.")
+              type=click.Choice(list(PRECISION_NAMES)), help="Repeat to compare precisions side by side.")
 @click.option("--limit", default=100, show_default=True, help="Items to score (R@1 is among this many pairs).")
 @click.option("--prompt", default="", help="Prompt for captioning (generative bundles).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines.")

@@ -16,23 +16,16 @@ import numpy as np
 
 from runtime.errors import Blip2Error
 from runtime.generation import GenerationConfig
+from runtime.precisions import PRECISIONS as PRECISION_SPECS
+from runtime.precisions import ParityThresholds
 
 DEFAULT_PROMPTS = ("", "a photo of", "Question: what is in the picture? Answer:")
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    stage_max_abs: float | None  # vision / prefix max abs diff (None: not checked)
-    stage_cosine: float  # minimum cosine similarity per stage
-    token_agreement: float  # minimum fraction of generated tokens equal to eager's
+Thresholds = ParityThresholds  # one declaration per precision: runtime.precisions
 
-
-# The one table of parity thresholds (README quotes it).
-THRESHOLDS: dict[str, Thresholds] = {
-    "fp32": Thresholds(stage_max_abs=1e-4, stage_cosine=0.99999, token_agreement=1.0),
-    "fp16": Thresholds(stage_max_abs=None, stage_cosine=0.999, token_agreement=0.95),
-    "int8": Thresholds(stage_max_abs=None, stage_cosine=0.98, token_agreement=0.85),
-}
+# The one table of parity thresholds (README quotes it), read from the precision registry.
+THRESHOLDS: dict[str, Thresholds] = {p.name: p.parity for p in PRECISION_SPECS.values()}
 
 
 @dataclass
@@ -55,6 +48,7 @@ class GenResult:
     max_logits_diff: float | None
     eager_text: str
     runtime_text: str
+    forced_top1: tuple[int, int] | None = None  # (steps whose top-1 equals eager's token, steps), teacher-forced
 
 
 @dataclass
@@ -79,17 +73,28 @@ class ParityReport:
         return sum(g.first_divergence is None for g in self.generations)
 
     @property
+    def forced_top1(self) -> float | None:
+        """Top-1 agreement with eager's tokens when both follow eager's path (None when not measured)."""
+        pairs = [g.forced_top1 for g in self.generations if g.forced_top1 is not None]
+        steps = sum(n for _, n in pairs)
+        return sum(a for a, _ in pairs) / steps if steps else None
+
+    @property
     def nonfinite(self) -> bool:
         return any(not np.isfinite(s.max_abs) for s in self.stages)
 
     @property
     def ok(self) -> bool:
-        return (all(s.ok for s in self.stages) and self.token_agreement >= self.thresholds.token_agreement
+        t = self.thresholds
+        forced = self.forced_top1
+        return (all(s.ok for s in self.stages) and self.token_agreement >= t.token_agreement
+                and (t.forced_top1 is None or forced is None or forced >= t.forced_top1)
                 and not self.nonfinite)
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d.update(token_agreement=self.token_agreement, exact_sequences=self.exact_sequences, ok=self.ok)
+        d.update(token_agreement=self.token_agreement, exact_sequences=self.exact_sequences,
+                 forced_top1=self.forced_top1, ok=self.ok)
         return d
 
     def render(self) -> str:
@@ -106,6 +111,9 @@ class ParityReport:
                      f"{self.token_agreement:.4f} (need >= {t.token_agreement})")
         if divs:
             lines.append(f"first divergence steps: {sorted(divs)}")
+        if self.forced_top1 is not None:
+            need = f"need >= {t.forced_top1}" if t.forced_top1 is not None else "reported"
+            lines.append(f"teacher-forced top-1 agreement with eager: {self.forced_top1:.4f} ({need})")
         if ld:
             lines.append(f"max logits diff along the eager path: {max(ld):.3e}")
         for g in self.generations[:3]:
@@ -253,13 +261,13 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
             first = next((k for k, (a, b) in enumerate(zip(ref, g.token_ids)) if a != b), None)
             if first is None and len(ref) != len(g.token_ids):
                 first = min(len(ref), len(g.token_ids))
-            ld = None
-            if logits_diff and ref:  # both follow the eager tokens: the largest logits gap over the steps
+            ld, top1 = None, None
+            if logits_diff and ref:  # both follow the eager tokens: the largest logits gap, and top-1 agreement
                 logits_ref = family.eager_forced_logits(model, prefix_ref[i:i + 1], text_ids, ref, facts)
-                ld = _stepwise_max_diff(rt.step_model(prefix[i:i + 1], [list(text_ids)]), ref, logits_ref)
+                ld, top1 = _stepwise_max_diff(rt.step_model(prefix[i:i + 1], [list(text_ids)]), ref, logits_ref)
             report.generations.append(GenResult(
                 names[i], p, ref, g.token_ids, agree, max(len(ref), len(g.token_ids)), first, ld,
-                tokenizer.decode(ref, skip_special_tokens=True).strip(), g.text))
+                tokenizer.decode(ref, skip_special_tokens=True).strip(), g.text, top1))
     return report
 
 
@@ -273,14 +281,17 @@ def _trim(ids: list[int], eos, pad: int) -> list[int]:
     return out
 
 
-def _stepwise_max_diff(sm, ref: list[int], logits_ref: np.ndarray) -> float:
-    """Prefill, then feed the eager tokens one by one; the largest |logits - eager logits| over the steps."""
+def _stepwise_max_diff(sm, ref: list[int], logits_ref: np.ndarray) -> tuple[float, tuple[int, int]]:
+    """Prefill, then feed the eager tokens one by one. Returns the largest |logits - eager logits| over the
+    steps, and (steps where the runtime's top-1 is eager's next token, steps)."""
     logits, state = sm.prefill()
     diffs = [float(np.abs(logits[0] - logits_ref[0]).max())]
+    top1 = [int(np.argmax(logits[0])) == ref[0]]
     for k, tok in enumerate(ref[:-1], start=1):
         logits, state = sm.step(np.array([tok]), state)
         diffs.append(float(np.abs(logits[0] - logits_ref[k]).max()))
-    return max(diffs)
+        top1.append(int(np.argmax(logits[0])) == ref[k])
+    return max(diffs), (sum(top1), len(top1))
 
 
 def save_report(report: ParityReport, path: str | Path) -> None:

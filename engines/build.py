@@ -4,9 +4,10 @@
     build_bundle("bundle/", BuildConfig(precision="int8", calib_images=Path("imgs")))
     build_bundle("bundle/", BuildConfig(precision="fp16", backend="trt", timing_cache=Path("cache")))
 
-Steps: validate the config against the manifest (before any long work) -> for int8, record calibration
-inputs by running the fp32 bundle -> transform each fp32 graph (``engines.fp16`` / ``engines.int8``)
-into ``<graph>.<precision>.onnx`` -> for ``trt``, build ``<graph>.<precision>.plan`` from that ONNX ->
+Steps: validate the config against the manifest (before any long work) -> where the precision's transforms
+need it (``runtime.precisions``), record calibration inputs by running the fp32 bundle -> transform each
+fp32 graph with its role's transform (:data:`TRANSFORM_FUNCS`: ``engines.fp16`` / ``engines.int8`` /
+``engines.int4``) into ``<graph>.<precision>.onnx`` -> for ``trt``, build ``<graph>.<precision>.plan`` from that ONNX ->
 rewrite ``manifest.json``. New files are written in a hidden staging folder inside the bundle and
 renamed into place just before the manifest is replaced (temp + rename), so an interrupted build
 leaves the bundle as it was.
@@ -28,21 +29,23 @@ from runtime.errors import Blip2Error, BundleError
 from runtime.integrity import atomic_write_text
 from runtime.manifest import (
     MANIFEST_NAME,
-    PRECISIONS,
     DimRange,
     GraphRecord,
     Manifest,
     file_record,
     load_manifest,
 )
+from runtime.precisions import PRECISIONS as SPECS
+from runtime.precisions import Transform
 
 if TYPE_CHECKING:
     from engines.calibration import CalibrationSet
 
 BACKENDS = ("auto", "ort", "trt")
-IO_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
-# What each backend runs. fp32 needs no transform: ``build --precision fp32`` only makes sense for engines.
-BACKEND_PRECISIONS = {"ort": ("fp16", "int8"), "trt": ("fp32", "fp16", "int8")}
+IO_DTYPE = {p.name: p.io_dtype for p in SPECS.values()}
+# What each backend builds (the registry's engine recipes). fp32 needs no transform: ``build --precision
+# fp32`` only makes sense for engines.
+BACKEND_PRECISIONS = {b: tuple(p.name for p in SPECS.values() if b in p.backends()) for b in ("ort", "trt")}
 KV_CACHE_DTYPES = ("int8", "fp32")  # --ort-kv-cache (int8 builds): how the ORT decoder engine stores its cache
 
 
@@ -65,6 +68,10 @@ class BuildConfig:
     ort_int8: str = "nbits"  # ORT decoder engine of int8 weights: MatMulNBits ("nbits") or fp32 copies ("fold")
     ort_kv_cache: str = "int8"  # ORT int8 decoder engine's KV cache: "int8" (calibrated scales) or "fp32"
     force: bool = False  # redo the ONNX transform even when the bundle already has this precision
+    int4_block: int = 128  # int4: inputs per weight block (one scale each)
+    int4_method: str = "gptq"  # int4: "gptq" (error feedback from calibration) or "rtn" (plain rounding)
+    int4_lm_head: str = "int4"  # int4: the LM head as "int4", "int8" (per channel) or "fp32"
+    int4_vision: str = "int8"  # int4: vision / Q-Former (and retrieval heads) as "int8" (calibrated) or "fp16"
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -76,17 +83,19 @@ class BuildConfig:
     def validate(self, manifest: Manifest | None = None) -> None:
         from engines.int8 import CalibMethod, Recipe
 
-        if self.precision not in PRECISIONS:
-            raise Blip2Error(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.precision not in SPECS:
+            raise Blip2Error(f"--precision {self.precision!r} is not one of {', '.join(SPECS)}")
         if self.backend not in BACKENDS:
             raise Blip2Error(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         backend = self.resolved_backend()
         if self.precision not in BACKEND_PRECISIONS[backend]:
             if self.precision == "fp32":
                 raise Blip2Error("--precision fp32 has nothing to build for ONNX Runtime: the exported graphs "
-                                 "are fp32 already", hint="use --precision fp16 or int8, or --backend trt for "
-                                                          "fp32 TensorRT engines")
-            raise Blip2Error(f"backend {backend} cannot run --precision {self.precision}")
+                                 "are fp32 already",
+                                 hint=f"use --precision {' or '.join(BACKEND_PRECISIONS['ort'])}, or --backend trt "
+                                      "for fp32 TensorRT engines")
+            raise Blip2Error(f"backend {backend} cannot run --precision {self.precision}",
+                             hint=f"{backend} builds {', '.join(BACKEND_PRECISIONS[backend])}")
         if backend == "trt":
             from runtime.backends.trt import require_tensorrt
 
@@ -110,10 +119,18 @@ class BuildConfig:
             raise Blip2Error(f"--llm-int8 {self.llm_int8!r} is not one of {', '.join(r.value for r in Recipe)}")
         if self.timing_cache is not None and self.timing_cache.is_dir():
             raise Blip2Error(f"--timing-cache must be a file path, not a folder: {self.timing_cache}")
-        if self.needs_transform(manifest) and self.precision == "int8":
+        from engines.int4 import BLOCK_SIZES, LM_HEAD
+
+        if self.int4_block not in BLOCK_SIZES:
+            raise Blip2Error(f"--int4-block {self.int4_block} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+        if self.int4_lm_head not in LM_HEAD:
+            raise Blip2Error(f"--int4-lm-head {self.int4_lm_head!r} is not one of {', '.join(LM_HEAD)}")
+        plan = self.plan(manifest)  # every role's transform: a bad choice flag fails here
+        calibrated = [g for g, t in plan.items() if t.calibrated]
+        if self.needs_transform(manifest) and calibrated:
             if self.calib_images is None:
-                raise Blip2Error("int8 needs calibration images", hint="pass --calib-images DIR (a few dozen "
-                                                                       "images like the ones the model will see)")
+                raise Blip2Error(f"{self.precision} needs calibration images (for {', '.join(calibrated)})",
+                                 hint="pass --calib-images DIR (a few dozen images like the ones the model will see)")
             from engines.calibration import list_calibration_images, read_prompts
 
             list_calibration_images(self.calib_images)
@@ -121,7 +138,7 @@ class BuildConfig:
             if manifest is not None and manifest.family is Family.RETRIEVAL:
                 if self.calib_prompts is None:
                     raise Blip2Error(
-                        "int8 for a retrieval bundle needs captions to calibrate its text encoder",
+                        f"{self.precision} for a retrieval bundle needs captions to calibrate its text encoder",
                         hint="pass --calib-prompts FILE: a few dozen captions like the ones you will rank, one per "
                              "line. The built-in captioning prompts set its int8 ranges far too narrow (R@1 0.06 "
                              "instead of 0.97 on the trainer's test set)")
@@ -139,6 +156,14 @@ class BuildConfig:
                     and backend == "ort":
                 raise Blip2Error(f"the bundle already has {self.precision} graphs",
                                  hint="pass --force to rebuild them, or --backend trt to build engines from them")
+
+    def plan(self, manifest: Manifest | None = None) -> dict[str, Transform]:
+        """Graph name -> the transform it gets (the registry's default per role, or the one a flag picks).
+        Without a manifest: one representative graph per role."""
+        spec = SPECS[self.precision]
+        names = list(manifest.graphs["fp32"]) if manifest is not None else [
+            GraphName.VISION.value, GraphName.QFORMER.value, GraphName.DECODER.value]
+        return {n: spec.transform_for(n, self) for n in names}
 
     def needs_transform(self, manifest: Manifest | None) -> bool:
         if self.precision == "fp32":
@@ -307,26 +332,85 @@ def _files_of(graphs: dict[str, GraphRecord]) -> set[str]:
     return out
 
 
+@dataclass(frozen=True)
+class TransformJob:
+    """One graph to transform: what a :data:`TRANSFORM_FUNCS` entry gets."""
+
+    src: Path  # the fp32 graph file
+    name: str
+    io: object  # GraphIO at the precision's IO dtype
+    manifest: Manifest
+    config: BuildConfig
+    calib: CalibrationSet | None
+
+
+def _fp16(job: TransformJob) -> tuple[object, dict]:
+    from engines.fp16 import FP32_GRAPHS, convert_fp16
+
+    r16 = convert_fp16(job.src, job.name, job.io, job.manifest.model.llm_type)  # type: ignore[arg-type]
+    return r16.model, r16.notes(job.name in FP32_GRAPHS)
+
+
+def _int8_weight(job: TransformJob) -> tuple[object, dict]:
+    from engines.int8 import quantize_weights
+
+    r8 = quantize_weights(job.src, job.name, job.io)  # type: ignore[arg-type]
+    return r8.model, r8.notes
+
+
+def _int8_static(job: TransformJob) -> tuple[object, dict]:
+    from engines.int8 import CalibMethod, quantize_static_graph
+
+    assert job.calib is not None
+    if job.calib.count(job.name) == 0:
+        raise BundleError(f"calibration recorded no inputs for graph {job.name!r}")
+    r8 = quantize_static_graph(job.src, job.name, job.io, job.calib.feeds.get(job.name, []),  # type: ignore[arg-type]
+                               CalibMethod(job.config.calib_method), job.config.calib_percentile, progress=False)
+    return r8.model, r8.notes
+
+
+def _int4(method: str) -> Callable[[TransformJob], tuple[object, dict]]:
+    def run(job: TransformJob) -> tuple[object, dict]:
+        from engines.int4 import quantize_int4
+
+        feeds = job.calib.feeds.get(job.name, []) if job.calib is not None else None
+        r4 = quantize_int4(job.src, job.name, job.io, block=job.config.int4_block, method=method,  # type: ignore[arg-type]
+                           lm_head=job.config.int4_lm_head, feeds=feeds)
+        return r4.model, r4.notes
+
+    return run
+
+
+# runtime.precisions.TRANSFORMS name -> the function that performs it (the one place engines code meets
+# the registry's transform names).
+TRANSFORM_FUNCS: dict[str, Callable[[TransformJob], tuple[object, dict]]] = {
+    "fp16": _fp16,
+    "int8-weight": _int8_weight,
+    "int8-static": _int8_static,
+    "int4-gptq": _int4("gptq"),
+    "int4-rtn": _int4("rtn"),
+}
+
+
 def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfig, progress: bool,
                say: Callable[[str], None], taken: set[str]
                ) -> tuple[dict[str, GraphRecord], CalibrationSet | None]:
     """Write the ``config.precision`` graphs into ``stage``; return their records and the calibration
-    set (int8; None otherwise)."""
+    set (when a transform needed one; None otherwise)."""
     from engines.onnx_utils import fresh_name, save_model_atomic
 
     prec = config.precision
     names = list(manifest.graphs["fp32"])
+    plan = config.plan(manifest)
     calib = None
-    if prec == "int8":
+    calibrated = [n for n in names if plan[n].calibrated]
+    if calibrated:
         from engines.calibration import collect, list_calibration_images, read_prompts
-        from engines.int8 import Recipe, default_recipe
 
-        static = [n for n in names if (Recipe(config.llm_int8) if default_recipe(n) is Recipe.WEIGHT
-                                       else Recipe.STATIC) is Recipe.STATIC]
         images = list_calibration_images(config.calib_images, config.calib_limit)  # type: ignore[arg-type]
         prompts = read_prompts(config.calib_prompts)
         say(f"calibrating on {len(images)} images x {len(prompts)} prompts ({config.calib_method}) "
-            f"for {', '.join(static)}")
+            f"for {', '.join(f'{n} ({plan[n].name})' for n in calibrated)}")
         calib = collect(bundle, images, prompts, progress=progress)
     it = names
     if progress:
@@ -337,34 +421,12 @@ def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfi
     for name in it:
         src = manifest.graphs["fp32"][name]
         io = io_for(manifest, name, prec)
-        if prec == "fp16":
-            from engines.fp16 import FP32_GRAPHS, convert_fp16
-
-            r16 = convert_fp16(bundle / src.file, name, io, manifest.model.llm_type)
-            model, notes = r16.model, r16.notes(name in FP32_GRAPHS)
-        else:
-            from engines.int8 import (
-                CalibMethod,
-                Recipe,
-                default_recipe,
-                quantize_static_graph,
-                quantize_weights,
-            )
-
-            recipe = Recipe(config.llm_int8) if default_recipe(name) is Recipe.WEIGHT else Recipe.STATIC
-            if recipe is Recipe.WEIGHT:
-                r8 = quantize_weights(bundle / src.file, name, io)
-            else:
-                assert calib is not None
-                r8 = quantize_static_graph(bundle / src.file, name, io, calib.feeds.get(name, []),
-                                           CalibMethod(config.calib_method), config.calib_percentile,
-                                           progress=False)
-                if calib.count(name) == 0:
-                    raise BundleError(f"calibration recorded no inputs for graph {name!r}")
-            model, notes = r8.model, r8.notes
+        t = plan[name]
+        model, notes = TRANSFORM_FUNCS[t.name](TransformJob(bundle / src.file, name, io, manifest, config, calib))
         file = fresh_name(taken, f"{name}.{prec}", ".onnx")
         ext = save_model_atomic(model, stage / file)
         rec = file_record(stage, file)
         out[name] = GraphRecord(name=name, file=file, sha256=rec.sha256, io=io, precision=prec,
-                                external_data=tuple(file_record(stage, e) for e in ext), notes=notes)
+                                external_data=tuple(file_record(stage, e) for e in ext), notes=notes,
+                                transform=t.name)
     return out, calib

@@ -126,15 +126,17 @@ def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
         from tqdm import tqdm
 
         it = tqdm(it, desc="calibrate", unit="image")
-    decoder = GraphName.DECODER.value in cal.feeds
+    # Both LLM families generate (the T5 encoder, cross K/V and decoder feeds are what int4's GPTQ needs).
+    decoder = GraphName.DECODER.value in cal.feeds or GraphName.SEQ2SEQ_DECODER.value in cal.feeds
     for path in it:
         img = load_image(path)  # an unreadable image stops here, before anything is written
         prefix = rt.image_features([img])
         if decoder:
             for p in prompts:
                 rt.generate(prompts=[p], prefix=prefix, max_new_tokens=decode_steps, min_new_tokens=decode_steps)
-    if decoder:
-        cal.feeds[GraphName.DECODER.value] = _thin(cal.feeds[GraphName.DECODER.value], max_decoder_samples)
+    for step_graph in (GraphName.DECODER.value, GraphName.SEQ2SEQ_DECODER.value):
+        if step_graph in cal.feeds:
+            cal.feeds[step_graph] = _thin(cal.feeds[step_graph], max_decoder_samples)
     return cal
 
 

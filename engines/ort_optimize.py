@@ -461,7 +461,7 @@ def pack_qkv(model) -> int:
             if (bias is None or bias.ndim != 1 or mm is None or mm.op_type not in ("MatMul", "MatMulNBits")
                     or len(g.consumers.get(mm.output[0], [])) != 1):
                 break
-            if mm.op_type == "MatMulNBits" and len(mm.input) != 4:
+            if mm.op_type == "MatMulNBits" and len(mm.input) not in (3, 4):  # 3: int4, default zero points
                 break
             weights = [_const(g, x) for x in mm.input[1:]]
             if any(w is None for w in weights) or (mm.op_type == "MatMul" and weights[0].ndim != 2):
@@ -774,11 +774,20 @@ def _check_int8_mode(int8: str) -> None:
 
 
 def _engine_int8_weights(model, int8: str) -> dict:
-    """Lower (``"nbits"``) and/or fold the weight-only int8 layers of ``model``; return the manifest notes
-    saying what was done (empty when the graph has no int8 weights)."""
+    """Lower (``"nbits"``) and/or fold the weight-only int8 layers of ``model``, and lower its int4 blocks
+    (:func:`engines.int4.lower_int4_weights`); return the manifest notes saying what was done (empty when
+    the graph has no int8 or int4 weights)."""
+    from engines.int4 import NBITS_ACCURACY_LEVEL as INT4_ACCURACY_LEVEL
+    from engines.int4 import lower_int4_weights
+
+    lowered4 = lower_int4_weights(model)  # int4 blocks (int4 builds) always run as MatMulNBits bits=4
     lowered = lower_int8_weights(model) if int8 == "nbits" else 0
     folded = fold_int8_weights(model)
     notes: dict[str, Any] = {}
+    if lowered4:
+        notes["int4_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 4, "layers": lowered4,
+                                "accuracy_level": INT4_ACCURACY_LEVEL,
+                                "activations": "int8 per weight block, quantized at run time"}
     if lowered:
         notes["int8_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 8,
                                 "accuracy_level": NBITS_ACCURACY_LEVEL, "block_size": NBITS_BLOCK,
@@ -823,15 +832,16 @@ WEIGHT_ONLY_GRAPHS = (GraphName.ENCODER.value, GraphName.CROSS_KV.value, GraphNa
 
 
 def wants_engine(record) -> str | None:
-    """Which ORT engine build a graph record gets: "decoder", "qdq", "weights" or None."""
+    """Which ORT engine build a graph record gets: "decoder", "qdq", "weights" or None.
+
+    Read from the record's graph and its typed transform (``GraphRecord.transform`` ->
+    ``runtime.precisions.TRANSFORMS``), not from free-form notes."""
     if record.name == GraphName.DECODER.value:
         return "decoder"
-    if record.notes.get("transform") == "int8" and record.notes.get("recipe") == "static":
-        return "qdq"
-    if (record.notes.get("transform") == "int8" and record.notes.get("recipe") == "weight"
-            and record.name in WEIGHT_ONLY_GRAPHS):
-        return "weights"
-    return None
+    kind = record.transform_spec.ort_engine
+    if kind == "weights" and record.name not in WEIGHT_ONLY_GRAPHS:
+        return None
+    return kind
 
 
 def engine_record_fields() -> dict:

@@ -129,6 +129,14 @@ def check_graph(model, data_files: dict[str, int], where: str) -> list[ExternalT
 
 
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+PACKED_4BIT = (21, 22)  # UINT4, INT4 (int4 weights): two values per byte
+
+
+def stored_bytes(data_type: int, count: int) -> int:
+    """Bytes an ONNX tensor of ``count`` values of ``data_type`` takes in raw/external data."""
+    if data_type in PACKED_4BIT:
+        return (count + 1) // 2
+    return count * _ITEMSIZE[data_type]
 
 
 def _external(t, data_files: dict[str, int], where: str) -> ExternalTensor:
@@ -139,7 +147,7 @@ def _external(t, data_files: dict[str, int], where: str) -> ExternalTensor:
                           f"{printable(loc)!r}, which is not one of this graph's listed data files "
                           f"({', '.join(sorted(data_files)) or 'none'})",
                           hint="the bundle is damaged or hostile: re-export it")
-    if t.data_type not in _ITEMSIZE:
+    if t.data_type not in _ITEMSIZE and t.data_type not in PACKED_4BIT:
         raise BundleError(f"graph {where}: external initializer {printable(t.name)!r} has data type "
                           f"{t.data_type}, which blip2-export never stores outside a graph")
     count = 1
@@ -149,10 +157,10 @@ def _external(t, data_files: dict[str, int], where: str) -> ExternalTensor:
         count *= d
     try:
         offset = int(info.get("offset", "0"))
-        length = int(info.get("length", str(count * _ITEMSIZE[t.data_type])))
+        length = int(info.get("length", str(stored_bytes(t.data_type, count))))
     except ValueError:
         raise BundleError(f"graph {where}: initializer {printable(t.name)!r} has a malformed offset or length")
-    if length != count * _ITEMSIZE[t.data_type] or offset < 0 or offset + length > data_files[loc]:
+    if length != stored_bytes(t.data_type, count) or offset < 0 or offset + length > data_files[loc]:
         raise BundleError(f"graph {where}: initializer {printable(t.name)!r} asks for bytes "
                           f"[{offset}, {offset + length}) of {printable(loc)} ({data_files[loc]} bytes) for "
                           f"{count} values", hint="the bundle is damaged or hostile: re-export it")

@@ -21,10 +21,12 @@ from runtime.bundle_files import BundleFiles, check_name, printable
 from runtime.contract import Family, GraphIO, GraphName, TensorSpec
 from runtime.errors import BundleError
 from runtime.integrity import sha256_file
+from runtime.precisions import PRECISION_NAMES, TRANSFORMS, legacy_transform, role_of
+from runtime.precisions import PRECISIONS as PRECISION_SPECS
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = PRECISION_NAMES  # from the registry (runtime.precisions)
 RESAMPLE = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 IO_DTYPES = ("float32", "float16", "int64", "int32")  # what a graph input or output may be
 KV_CONCAT = "concat"  # a decoder's cache: past in, past + new out (the exported graph; every backend)
@@ -89,6 +91,14 @@ class GraphRecord:
     external_data: tuple[FileRecord, ...] = ()
     engines: tuple[EngineRecord, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)  # e.g. which nodes stay fp32, quantization settings
+    # runtime.precisions.TRANSFORMS name: what made this graph (what its engines and the runtime go by).
+    # Empty in records made in code before it was known; read from the notes for older manifests.
+    transform: str = ""
+
+    @property
+    def transform_spec(self):
+        """The :class:`runtime.precisions.Transform` of this graph."""
+        return TRANSFORMS[self.transform or legacy_transform(self.precision, self.name, self.notes)]
 
 
 @dataclass(frozen=True)
@@ -248,6 +258,7 @@ class Manifest:
                         external_data=tuple(_build(FileRecord, f) for f in g.get("external_data", [])),
                         engines=tuple(_build(EngineRecord, e) for e in g.get("engines", [])),
                         notes=dict(g.get("notes", {})),
+                        transform=str(g.get("transform") or legacy_transform(prec, str(name), g.get("notes", {}))),
                     )
             source, versions = d.get("source", {}), d.get("versions", {})
             if not isinstance(source, dict) or not isinstance(versions, dict):
@@ -317,6 +328,9 @@ class Manifest:
                         raise BundleError(f"{prec} graph {name!r}: {t.name} has dims {list(t.dims)}, but the "
                                           f"manifest's model facts give {list(e.dims)}")
                 _check_ort_engine(prec, rec)
+                if rec.transform and rec.transform not in PRECISION_SPECS[prec].transform_names(role_of(name)):
+                    raise BundleError(f"{prec} graph {name!r} names transform {rec.transform!r}, which is not one "
+                                      f"of {prec}'s ({', '.join(PRECISION_SPECS[prec].transform_names(role_of(name)))})")
         for io_dim in ("batch",):
             if io_dim not in self.dims:
                 raise BundleError(f"manifest has no range for dim {io_dim!r}")

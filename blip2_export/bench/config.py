@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from runtime.backends import backend_names
 from runtime.backends.int8_kernels import Int8Kernel
 from runtime.errors import Blip2Error
+from runtime.precisions import PRECISION_NAMES, TRANSFORMS
+from runtime.precisions import PRECISIONS as PRECISION_SPECS
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = PRECISION_NAMES  # from the precision registry (runtime.precisions)
 BACKEND_KINDS = ("eager", *backend_names())  # eager: the transformers model; the rest: runtime backends
 DEFAULT_BACKENDS = ("eager", "ort-fp32", "ort-fp16", "ort-int8")
 STAGES = ("preprocess", "vision", "qformer", "prefill", "decode_per_token", "e2e")
@@ -80,11 +82,18 @@ def parse_backend(spec: str) -> tuple[str, str]:
         choices = ["eager", *EAGER_PEERS] + [f"{k}-{p}" for k in BACKEND_KINDS[1:] for p in PRECISIONS]
         raise Blip2Error(f"unknown backend {spec!r}; choose from: {', '.join(choices)} "
                          "(ort-int8@<int8 kernel> for one int8 weight form)")
-    if form and (kind, prec) != ("ort", "int8"):
-        raise Blip2Error(f"backend {spec!r}: an int8 kernel form (@{form}) applies to ort-int8 only")
+    if form and not (kind == "ort" and int8_activations(prec)):
+        forms = [f"ort-{p}" for p in PRECISIONS if int8_activations(p)]
+        raise Blip2Error(f"backend {spec!r}: an int8 kernel form (@{form}) applies to {', '.join(forms)} only")
     if form:
         Int8Kernel.parse(form)
     return kind, prec
+
+
+def int8_activations(prec: str) -> bool:
+    """Whether some graph of precision ``prec`` takes int8 activations (where the CPU's int8 form applies)."""
+    spec = PRECISION_SPECS[prec]
+    return any(TRANSFORMS[t].int8_activations for r in spec.transforms for t in spec.transform_names(r))
 
 
 def backend_int8_kernel(spec: str, default: str) -> str:

@@ -9,6 +9,8 @@ from runtime.backends.int8_kernels import X86_ARCHS
 
 TARGETS = {"ort-fp32": 0.5, "ort-int8": 0.3}  # end-to-end time vs eager (issue #6)
 PEER_TARGETS = {"ort-int8": ("eager-dynint8", 0.6)}  # end-to-end time vs a peer, when both ran (issue #20)
+DECODE_PEER_TARGETS = {"ort-int4": ("ort-int8", 0.6)}  # per-token decode p50 vs a peer, batch 1 (issue #16)
+WEIGHT_PEER_TARGETS = {"ort-int4": ("ort-int8", 0.55)}  # LLM weight bytes a decode step reads vs a peer (#16)
 ROOFLINE_TARGET = 1.5  # per-token decode within this factor of the roofline
 CONTEXT_TARGET = 1.2  # decode at the largest context within this factor of the smallest
 
@@ -74,6 +76,19 @@ def evaluate_targets(backends: dict[str, dict], *, arch: str = "", device: str =
             v = r["e2e"][batch]["stages_ms"]["e2e"]["p50"] / p["e2e"][batch]["stages_ms"]["e2e"]["p50"]
             out.append(Target(f"{spec} end to end <= {limit}x {peer} (batch {batch})", value=v,
                         met=v <= limit))
+    for spec, (peer, limit) in DECODE_PEER_TARGETS.items():
+        r, p = backends.get(spec, {}), backends.get(peer, {})
+        if r.get("status") == "ok" and p.get("status") == "ok":
+            batch = min(set(r["e2e"]) & set(p["e2e"]), key=int)
+            ms = [b["e2e"][batch]["stages_ms"]["decode_per_token"]["p50"] for b in (r, p)]
+            out.append(Target(f"{spec} decode step <= {limit}x {peer} (batch {batch}, p50)", value=ms[0] / ms[1],
+                              met=ms[0] / ms[1] <= limit, note=f"{ms[0]:.1f} ms vs {ms[1]:.1f} ms"))
+    for spec, (peer, limit) in WEIGHT_PEER_TARGETS.items():
+        r, p = backends.get(spec, {}), backends.get(peer, {})
+        if r.get("status") == "ok" and p.get("status") == "ok":
+            v = r["weight_bytes"] / p["weight_bytes"]
+            out.append(Target(f"{spec} LLM weight bytes <= {limit}x {peer}", value=v, met=v <= limit,
+                              note=f"{r['weight_bytes'] / 1e6:.1f} MB vs {p['weight_bytes'] / 1e6:.1f} MB"))
     for spec, r in backends.items():
         if r.get("status") != "ok" or not spec.startswith(("ort", "trt")):
             continue

@@ -123,7 +123,7 @@ def cpu_features() -> dict:
 def calibrated_int8(record) -> bool:
     """A graph (manifest ``GraphRecord``) whose int8 products take quantized activations: the graphs whose
     weights take the form :func:`choose` picks."""
-    return record.precision == "int8" and record.notes.get("recipe") == "static"
+    return record.transform_spec.int8_activations
 
 
 AUTO_ORDER = (Int8Kernel.U8S8, Int8Kernel.U8U8, Int8Kernel.U8S7)  # most faithful/fastest first

@@ -30,7 +30,7 @@ from runtime.backends.int8_kernels import (
 )
 from runtime.bundle_files import BundleFiles, printable
 from runtime.errors import Blip2Error, Blip2Warning, require
-from runtime.graph_check import ExternalTensor, check_graph, parse_graph
+from runtime.graph_check import PACKED_4BIT, ExternalTensor, check_graph, parse_graph
 from runtime.manifest import EngineRecord, GraphRecord
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8}
@@ -258,6 +258,10 @@ class OrtBackend:
         if int8 is not None and int8.ops:
             raw = _weight_form_model(model, file, int8, data, external)
         elif external:
+            packed = [t for t in external if t.data_type in PACKED_4BIT]
+            if packed:  # int4 weights (no numpy type to hand ORT): into the graph, from the checked bytes
+                raw = _inline_tensors(model, packed, data)
+                external = [t for t in external if t.data_type not in PACKED_4BIT]
             names, values = [], []
             for t in external:
                 values.append(self.ort.OrtValue.ortvalue_from_numpy(_array(t, data[t.location])))
@@ -314,6 +318,19 @@ def _ort_copies_external_initializers() -> bool:
 
 _ONNX_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
                9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+
+
+def _inline_tensors(model, tensors: list[ExternalTensor], data: dict[str, bytearray]) -> bytes:
+    """``model`` serialized with ``tensors`` (external initializers) holding their values inline."""
+    by_name = {t.name: t for t in tensors}
+    for init in model.graph.initializer:
+        t = by_name.get(init.name)
+        if t is None:
+            continue
+        init.raw_data = bytes(data[t.location][t.offset:t.offset + t.length])
+        del init.external_data[:]
+        init.data_location = 0  # DEFAULT
+    return model.SerializeToString()
 
 
 def _array(t: ExternalTensor, data: bytearray) -> np.ndarray:
