@@ -138,8 +138,11 @@ def _load_and_run(bundle) -> str:
 
 
 # Keys a decoder-only bundle may lack: provenance, generation defaults (documented defaults), build notes
-# (an engine whose notes are incomplete is refused or not used), facts of other families, optional ranges.
+# (an engine whose notes are incomplete is refused or not used), facts of other families, optional ranges,
+# a graph's transform (bundles older than the precision registry lack it; it is derived from the precision
+# and the notes: runtime.precisions.legacy_transform), query heads (only where they differ from KV heads).
 OPTIONAL_KEYS = ("source*", "versions*", "generation*", "graphs/*/*/notes*", "graphs/*/*/precision",
+                 "graphs/*/*/transform",
                  "graphs/*/*/external_data", "graphs/*/*/engines", "graphs/*/*/engines/*/profile*",
                  "model/decoder_start_token_id", "model/llm_query_heads",
                  "model/embed_dim", "model/image_token_id", "dims/seq", "dims/past", "dims/total",
