@@ -413,7 +413,7 @@ class Scheduler:
         remaining = req.expires - time.monotonic()
         try:
             with deadline(remaining if math.isfinite(remaining) else None):
-                out = self.rt.generate([req.pixel_values], [req.prompt], req.config,
+                out = self.rt.generate(req.pixel_values, [req.prompt], req.config,
                                        stream=None if req.serial else stream)[0]
             req.tokens = list(out.token_ids)
             if req.first_token is None:

@@ -34,7 +34,6 @@ from runtime.serving.scheduler import (
     SchedulerConfig,
 )
 
-DISCONNECT_POLL_S = 0.25  # a non-streaming request checks this often whether its caller is still there
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,12 @@ class ServeConfig:
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(max_batch=self.max_batch, max_queue=self.max_queue, timeout=self.timeout,
                                kv_capacity=self.kv_capacity)
+
+
+async def _disconnected(receive) -> None:
+    """Return once the caller has gone (the ASGI server says ``http.disconnect``)."""
+    while (await receive()).get("type") != "http.disconnect":
+        pass
 
 
 def _error_status(e: BaseException) -> ApiError:
@@ -138,19 +143,23 @@ class Service:
         return Completion(f"chatcmpl-{uuid.uuid4().hex}", self.model, prompt_tokens, [Choice() for _ in range(n)])
 
     # -- answers -----------------------------------------------------------------------------------
-    async def answer(self, chat: ChatRequest, reqs: list[Request], events: asyncio.Queue, is_disconnected):
-        """Wait for every choice; None when the caller went away (its requests are cancelled)."""
+    async def answer(self, chat: ChatRequest, reqs: list[Request], events: asyncio.Queue, receive):
+        """Wait for every choice; None when the caller went away (its requests are cancelled).
+
+        ``receive`` is the ASGI receive of the request, whose body was read: its next message is the
+        disconnect."""
         comp = self.completion(reqs[0].prompt_ids, len(reqs))
         pending = len(reqs)
+        gone = asyncio.ensure_future(_disconnected(receive))
         try:
             while pending:
-                try:
-                    i, ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await is_disconnected():
-                        self.metrics.disconnects.inc()
-                        return None
-                    continue
+                got = asyncio.ensure_future(events.get())
+                await asyncio.wait({got, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not got.done():
+                    got.cancel()
+                    self.metrics.disconnects.inc()
+                    return None
+                i, ev = got.result()
                 if ev.kind == "error":
                     raise _error_status(ev.error)
                 if ev.kind == "done":
@@ -158,6 +167,7 @@ class Service:
                     pending -= 1
             return comp.response()
         finally:
+            gone.cancel()
             for r in reqs:
                 r.cancel()  # no-op for finished requests; frees the slots of the others
 
@@ -194,8 +204,9 @@ class Service:
                 r.cancel()
 
 
-def create_app(rt, config: ServeConfig):
-    """The ASGI app serving ``rt`` (a :class:`runtime.pipeline.Blip2Runtime`)."""
+def create_app(rt, config: ServeConfig, *, echo=None):
+    """The ASGI app serving ``rt`` (a :class:`runtime.pipeline.Blip2Runtime`). ``echo``: where the request
+    counts go at shutdown (one JSON line)."""
     fastapi = require("fastapi", "serve")
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -214,6 +225,8 @@ def create_app(rt, config: ServeConfig):
         finally:
             service.scheduler.drain()
             await asyncio.get_running_loop().run_in_executor(None, service.scheduler.close, config.timeout)
+            if echo is not None:
+                echo(json.dumps({"served": service.scheduler.counts}))
 
     app = fastapi.FastAPI(title="blip2-export", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -260,7 +273,7 @@ def create_app(rt, config: ServeConfig):
             service.metrics.responses.labels("200").inc()
             return StreamingResponse(service.stream(chat, reqs, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        body = await service.answer(chat, reqs, events, request.is_disconnected)
+        body = await service.answer(chat, reqs, events, request.receive)
         if body is None:
             return Response(status_code=499)
         service.metrics.responses.labels("200").inc()
@@ -289,14 +302,20 @@ def create_app(rt, config: ServeConfig):
 
 
 def serve(bundle: str | Path, config: ServeConfig, *, precision: str = "fp32", backend: str = "ort",
-          echo=print, **backend_options) -> None:
+          echo=print, **backend_options) -> dict:
     """Load ``bundle`` and serve it until SIGTERM/SIGINT (which finish the requests in flight)."""
-    uvicorn = require("uvicorn", "serve")
     from runtime.pipeline import Blip2Runtime
 
     config = config.validate()
     rt = Blip2Runtime(bundle, precision=precision, backend=backend, timeout=config.timeout, **backend_options)
-    app = create_app(rt, config)
+    return run_app(rt, config, echo=echo)
+
+
+def run_app(rt, config: ServeConfig, *, echo=print) -> dict:
+    """Serve the loaded runtime ``rt`` until SIGTERM/SIGINT; returns the scheduler's request counts (uvicorn
+    raises the signal again once the requests in flight are answered: the process ends by it)."""
+    uvicorn = require("uvicorn", "serve")
+    app = create_app(rt, config, echo=echo)
     service: Service = app.state.service
 
     class Server(uvicorn.Server):
@@ -310,7 +329,8 @@ def serve(bundle: str | Path, config: ServeConfig, *, precision: str = "fp32", b
                         lifespan="on")
     sched = service.scheduler
     kv = f"{sched.cache.nbytes / 2**20:.1f} MiB KV cache" if sched.cache is not None else "serial (no KV slots)"
-    echo(f"serving {service.model} ({rt.manifest.family.value}, {precision}) on http://{config.host}:{config.port}/v1"
-         f"  max_batch={config.max_batch} max_queue={config.max_queue} timeout={config.timeout:g}s, {kv}")
+    echo(f"serving {service.model} ({rt.manifest.family.value}, {rt.precision}) on "
+         f"http://{config.host}:{config.port}/v1  max_batch={config.max_batch} max_queue={config.max_queue} "
+         f"timeout={config.timeout:g}s, {kv}")
     Server(uv).run()
-    echo(json.dumps({"served": sched.counts}))
+    return dict(sched.counts)

@@ -37,7 +37,7 @@ class TextAssembler:
                 if safe.endswith(s[:k]):
                     safe = safe[:-k]
                     break
-        return self._advance(safe), False
+        return self._advance(safe.rstrip()), False
 
     def final(self, ids: Sequence[int]) -> tuple[str, str]:
         """(the whole text, the piece not streamed yet)."""
