@@ -113,6 +113,7 @@ class Request:
     config: GenerationConfig
     on_event: Callable[[Event], None]
     stop: tuple[str, ...] = ()  # stop strings
+    stream: bool = True  # send a "token" event per token (else only the final event)
     id: int = field(default_factory=lambda: next(_ids))
     submitted: float = 0.0
     expires: float = math.inf
@@ -261,13 +262,13 @@ class Scheduler:
     def _finish(self, req: Request, event: Event, status: str) -> None:
         if req.closed:
             return
-        self._send(req, event)
-        req.closed = True
         now = time.monotonic()
-        self.counts[status] = self.counts.get(status, 0) + 1
+        self.counts[status] = self.counts.get(status, 0) + 1  # counted before the caller can see the answer
         if status == "done":
             self._latency = 0.8 * self._latency + 0.2 * (now - req.submitted)
         self.observer.on_finish(req, status, now)
+        self._send(req, event)
+        req.closed = True
 
     def _expired(self, req: Request, now: float) -> bool:
         """Finish ``req`` if it was cancelled or ran past its deadline; say whether it did."""
@@ -344,8 +345,9 @@ class Scheduler:
             req.history.append(t)
             if req.first_token is None:
                 req.first_token = now
-            piece, hit = req.text.update(req.tokens)
-            self._send(req, Event("token", text=piece, token_id=t))
+            piece, hit = req.text.update(req.tokens) if req.stream or req.stop else ("", False)
+            if req.stream:
+                self._send(req, Event("token", text=piece, token_id=t))
             if t in req.procs.stop or hit or len(req.tokens) >= req.config.max_new_tokens:
                 self._complete(req, "stop" if t in req.procs.stop or hit else "length")
             if req.closed or self._expired(req, now):
@@ -372,7 +374,7 @@ class Scheduler:
 
     def _complete(self, req: Request, reason: str) -> None:
         text, piece = req.text.final(req.tokens)
-        if piece:
+        if piece and req.stream:
             self._send(req, Event("token", text=piece))
         self._finish(req, Event("done", text=text, finish_reason=reason, token_ids=list(req.tokens)), "done")
 
@@ -406,7 +408,8 @@ class Scheduler:
                 if req.first_token is None:
                     req.first_token = time.monotonic()
                 piece, hit = req.text.update(req.tokens)
-                self._send(req, Event("token", text=piece, token_id=int(tokens[0])))
+                if req.stream:
+                    self._send(req, Event("token", text=piece, token_id=int(tokens[0])))
                 if hit:
                     raise _Stop
 

@@ -122,7 +122,8 @@ class Service:
                 def on_event(ev: Event, i=i):
                     loop.call_soon_threadsafe(events.put_nowait, (i, ev))
 
-                reqs.append(self.scheduler.submit(Request(pv, chat.prompt, ids, cfg, on_event, stop=chat.stop)))
+                reqs.append(self.scheduler.submit(Request(pv, chat.prompt, ids, cfg, on_event, stop=chat.stop,
+                                                           stream=chat.stream)))
         except QueueFull as e:
             for r in reqs:
                 r.cancel()
