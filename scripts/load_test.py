@@ -26,7 +26,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -213,7 +212,7 @@ def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
 def load(bundle: Path, jobs: list[Job], levels: list[int], requests: int, threads: int | None,
@@ -297,6 +296,8 @@ def disconnects(bundle: Path, jobs: list[Job], clients: int, requests: int, thre
            "server_done": int(srv.metric(DONE)),
            "server_cancelled": int(srv.metric("blip2_requests_total{status=\"cancelled\"}")),
            "server_disconnects": int(srv.metric("blip2_client_disconnects_total"))}
+    # a hang-up is cancelled, or completed if its last token came first: nothing else may be left over
+    out["unaccounted"] = out["answered"] + out["hung_up"] - out["server_done"] - out["server_cancelled"]
     srv.stop()
     return out
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+
 def test_blocker_really_blocks(no_torch_env):
     r = subprocess.run([sys.executable, "-c", "import torch"], env=no_torch_env, capture_output=True, text=True)
     assert r.returncode != 0 and "blocked" in r.stderr

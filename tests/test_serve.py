@@ -19,11 +19,11 @@ import pytest
 openai = pytest.importorskip("openai", reason="the serve tests need the openai client (the dev extra)")
 pytest.importorskip("fastapi", reason="blip2-export serve needs the serve extra")
 
-from runtime.contract import GraphName  # noqa: E402
-from runtime.pipeline import Blip2Runtime  # noqa: E402
-from runtime.serving.slots import SlotCache  # noqa: E402
-from runtime.serving.text import TextAssembler  # noqa: E402
-from tests.serve_tools import SLOW_SERVER, ServerProcess, data_url, get, image, messages, metric, post  # noqa: E402
+from runtime.contract import GraphName
+from runtime.pipeline import Blip2Runtime
+from runtime.serving.slots import SlotCache
+from runtime.serving.text import TextAssembler
+from tests.serve_tools import SLOW_SERVER, ServerProcess, data_url, get, image, messages, metric, post
 
 PROMPTS = ["", "a photo of", "Question: what colour is the large shape on the left? Answer:", "two"]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,7 +106,7 @@ def _float(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ApiError(400, f"'{name}' must be a number (got {json.dumps(v)[:40]})", param=name)
     if v > hi or v < lo or (lo_open and v == lo):
         raise ApiError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}] (got {v})", param=name)

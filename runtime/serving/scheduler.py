@@ -40,7 +40,7 @@ import numpy as np
 
 from runtime.contract import Family, GraphName
 from runtime.deadline import deadline
-from runtime.errors import Blip2Error, InputError, LimitError
+from runtime.errors import Blip2Error, LimitError
 from runtime.generation import GenerationConfig, LogitsProcessors, processors
 from runtime.serving.slots import SlotCache
 from runtime.serving.text import TextAssembler
@@ -142,6 +142,10 @@ class SchedulerObserver:
     def on_admit(self, newcomers: int, seconds: float) -> None: ...
 
     def on_finish(self, req: Request, status: str, now: float) -> None: ...
+
+
+def _as_error(e: Exception) -> Blip2Error:
+    return e if isinstance(e, Blip2Error) else Blip2Error(f"generation failed: {type(e).__name__}: {e}")
 
 
 class Scheduler:
@@ -296,18 +300,21 @@ class Scheduler:
                 free = self.cache.free - sum(1 for r in self._rows if r.cancelled or now > r.expires)
                 newcomers = [self._queue.popleft() for _ in range(min(max(free, 0), len(self._queue)))]
             self._drop_finished_rows(time.monotonic())
-            try:
-                if newcomers:
+            if newcomers:
+                try:
                     self._admit(newcomers)
-                if self._rows:
+                except Exception as e:  # noqa: BLE001 - fail the newcomers; the running rows are untouched
+                    for req in newcomers:
+                        self._finish(req, Event("error", error=_as_error(e)), "error")
+            if self._rows:
+                try:
                     self._advance()
-            except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
-                err = e if isinstance(e, Blip2Error) else Blip2Error(f"generation failed: {type(e).__name__}: {e}")
-                for req in [*self._rows, *newcomers]:
-                    self._finish(req, Event("error", error=err), "error")
-                self._rows = []
-                self._logits = None
-                self.cache.reset()
+                except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
+                    for req in self._rows:
+                        self._finish(req, Event("error", error=_as_error(e)), "error")
+                    self._rows = []
+                    self._logits = None
+                    self.cache.reset()
 
     def _retire(self, rows: list[int]) -> None:
         for r in sorted(rows, reverse=True):
@@ -431,5 +438,4 @@ class Scheduler:
             else:
                 self._finish(req, Event("error", error=e), "error")
         except Exception as e:  # noqa: BLE001 - one failed request must not stop the lane
-            err = e if isinstance(e, Blip2Error) else InputError(f"generation failed: {type(e).__name__}: {e}")
-            self._finish(req, Event("error", error=err), "error")
+            self._finish(req, Event("error", error=_as_error(e)), "error")

@@ -23,7 +23,15 @@ from pathlib import Path
 
 from runtime.errors import Blip2Error, InputError, LimitError, require
 from runtime.serving.metrics import ServerMetrics
-from runtime.serving.protocol import ApiError, ChatRequest, Choice, Completion, error_body, parse_chat_request, sse
+from runtime.serving.protocol import (
+    ApiError,
+    ChatRequest,
+    Choice,
+    Completion,
+    error_body,
+    parse_chat_request,
+    sse,
+)
 from runtime.serving.scheduler import (
     Draining,
     Event,
@@ -33,7 +41,6 @@ from runtime.serving.scheduler import (
     Scheduler,
     SchedulerConfig,
 )
-
 
 
 @dataclass(frozen=True)
