@@ -315,6 +315,44 @@ def run(bundle, images, prompts, precision, backend, threads, stream, as_json, v
 # ------------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(list(PRECISION_NAMES)),
+              help="Which graphs of the bundle to serve.")
+@_backend_option
+@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; there is no authentication).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-batch", default=8, show_default=True, type=int,
+              help="Requests decoded together (KV slots allocated once); 1 serves one request at a time.")
+@click.option("--max-queue", default=64, show_default=True, type=int,
+              help="Requests that may wait for a slot; more are answered 429 with Retry-After.")
+@click.option("--timeout", default=120.0, show_default=True, type=float,
+              help="Seconds a request may take from arrival to its last token; then 504 and its slot is freed.")
+@click.option("--kv-capacity", type=int, default=None,
+              help="Positions per KV slot (visual tokens + prompt + max_tokens); default: the bundle's context.")
+@click.option("--max-body-mb", default=20.0, show_default=True, type=float, help="Largest request body (413 above).")
+@click.option("--model-name", default=None, help="The model id clients send (default: the bundle folder's name).")
+@_int8_kernel_option
+def serve(bundle, precision, backend, threads, host, port, max_batch, max_queue, timeout, kv_capacity, max_body_mb,
+          model_name, int8_kernel):
+    """Serve a BUNDLE over OpenAI's chat-completions API with continuous batching (needs the [serve] extra).
+
+    \b
+    POST /v1/chat/completions (image as a data: URL in an image_url part; stream: true for SSE),
+    GET /v1/models, /health, /metrics (Prometheus). SIGTERM finishes the requests in flight.
+    """
+    from runtime.serving.server import ServeConfig
+    from runtime.serving.server import serve as run_server
+
+    cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_queue=max_queue, timeout=timeout,
+                      max_body_mb=max_body_mb, kv_capacity=kv_capacity, model_name=model_name)
+    run_server(bundle, cfg, precision=precision, backend=backend, echo=lambda m: _echo(m, err=True),
+               **_backend_options(backend, threads, int8_kernel))
+
+
+# ------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--images", "images_dir", type=click.Path(path_type=Path), required=True,
               help="Folder of images (jpg, png, ...) to match against the texts.")
 @click.option("--texts", "texts_file", type=click.Path(path_type=Path), default=None,

@@ -83,7 +83,9 @@ StreamCallback = Callable[[int, list[int | None]], None]
 
 
 @dataclass
-class _Processors:
+class LogitsProcessors:
+    """Processors, warpers and the token choice of one generation (its own rng: same seed, same draws)."""
+
     cfg: GenerationConfig
     stop: np.ndarray
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
@@ -122,6 +124,11 @@ class _Processors:
             x = np.where(mask, -np.inf, x)
         return x
 
+    def choose(self, logits: np.ndarray, history: list[list[int]], generated: int) -> np.ndarray:
+        """The next token of each row of ``logits`` [rows, vocab] (greedy or sampled)."""
+        scores = self.logits(logits, history, generated)
+        return self.sample(scores) if self.cfg.do_sample else np.argmax(scores, axis=1).astype(np.int64)
+
     def sample(self, x: np.ndarray) -> np.ndarray:
         probs = _softmax(self.warp(x).astype(np.float64))
         u = self.rng.random((x.shape[0], 1))
@@ -146,15 +153,20 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def generate(model: StepModel, cfg: GenerationConfig, *, eos_token_ids: Sequence[int], pad_token_id: int,
              stream: StreamCallback | None = None) -> list[Sequence_]:
-    cfg.validate()
-    stop = np.asarray(cfg.stop_token_ids if cfg.stop_token_ids is not None else tuple(eos_token_ids), np.int64)
-    procs = _Processors(cfg, stop, np.random.default_rng(cfg.seed))
+    procs = processors(cfg, eos_token_ids)
     if cfg.num_beams > 1:
         return _beam_search(model, cfg, procs, pad_token_id)
     return _greedy_or_sample(model, cfg, procs, pad_token_id, stream)
 
 
-def _greedy_or_sample(model: StepModel, cfg: GenerationConfig, procs: _Processors, pad: int,
+def processors(cfg: GenerationConfig, eos_token_ids: Sequence[int]) -> LogitsProcessors:
+    """The processors of one generation: ``cfg``'s stop ids (else the model's EOS ids), its seeded rng."""
+    cfg.validate()
+    stop = np.asarray(cfg.stop_token_ids if cfg.stop_token_ids is not None else tuple(eos_token_ids), np.int64)
+    return LogitsProcessors(cfg, stop, np.random.default_rng(cfg.seed))
+
+
+def _greedy_or_sample(model: StepModel, cfg: GenerationConfig, procs: LogitsProcessors, pad: int,
                       stream: StreamCallback | None) -> list[Sequence_]:
     logits, state = model.prefill()
     history = [list(c) for c in model.context_ids()]
@@ -162,8 +174,7 @@ def _greedy_or_sample(model: StepModel, cfg: GenerationConfig, procs: _Processor
     finished = np.zeros(model.batch, dtype=bool)
     for step in range(cfg.max_new_tokens):
         check_deadline()  # a graph that never emits a stop token cannot hold the caller past the deadline
-        scores = procs.logits(logits, history, step)
-        nxt = procs.sample(scores) if cfg.do_sample else np.argmax(scores, axis=1).astype(np.int64)
+        nxt = procs.choose(logits, history, step)
         nxt = np.where(finished, pad, nxt)
         for row in np.flatnonzero(~finished):
             out[row].append(int(nxt[row]))
@@ -177,7 +188,7 @@ def _greedy_or_sample(model: StepModel, cfg: GenerationConfig, procs: _Processor
     return [Sequence_(ids, bool(ids and ids[-1] in procs.stop)) for ids in out]
 
 
-def _beam_search(model: StepModel, cfg: GenerationConfig, procs: _Processors, pad: int) -> list[Sequence_]:
+def _beam_search(model: StepModel, cfg: GenerationConfig, procs: LogitsProcessors, pad: int) -> list[Sequence_]:
     """Vectorised beam search with transformers' semantics (top 2*beams candidates, finished-hypothesis
     pool ranked by score / length**length_penalty, its early-stop heuristic)."""
     B, K, T = model.batch, cfg.num_beams, cfg.max_new_tokens

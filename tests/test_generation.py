@@ -63,9 +63,9 @@ def test_top_k_one_is_greedy(rt):
 
 
 def test_top_p_keeps_only_the_nucleus(rt):
-    from runtime.generation import _Processors
+    from runtime.generation import LogitsProcessors
 
-    procs = _Processors(GenerationConfig(do_sample=True, top_p=0.5), np.array([2]))
+    procs = LogitsProcessors(GenerationConfig(do_sample=True, top_p=0.5), np.array([2]))
     logits = np.log(np.array([[0.6, 0.3, 0.1]], dtype=np.float32))
     warped = procs.warp(logits)
     assert np.isfinite(warped[0, 0]) and np.isinf(warped[0, 1]) and np.isinf(warped[0, 2])

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
 
 def test_blocker_really_blocks(no_torch_env):
     r = subprocess.run([sys.executable, "-c", "import torch"], env=no_torch_env, capture_output=True, text=True)
@@ -19,6 +21,17 @@ def test_import_runtime_without_torch(no_torch_env):
     r = subprocess.run([sys.executable, "-c", code], env=no_torch_env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def test_import_server_without_torch(no_torch_env):
+    """`blip2-export serve` imports its server and scheduler on an edge box (tests/test_serve.py runs the whole
+    server there)."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    code = ("import runtime.serving.server, runtime.serving.scheduler, runtime.serving.slots, sys; "
+            "print('ok', any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], env=no_torch_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok False"
 
 
 def test_full_run_without_torch(tmp_path, tiny_bundle, no_torch_env):
