@@ -121,7 +121,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, config: ExportConfig 
     import torch
 
     from blip2_export.graphs import DecoderGraph, QFormerGraph, VisionGraph
-    from blip2_export.modelzoo import load_checkpoint
+    from blip2_export.modelzoo import load_checkpoint_lazy
 
     config = config or ExportConfig()
     out = Path(out)
@@ -135,17 +135,17 @@ def export_bundle(checkpoint: str | Path, out: str | Path, config: ExportConfig 
 
         return export_bundle_retrieval(checkpoint, out, config, progress=progress,
                                        model_and_tokenizer=model_and_tokenizer)
-    if model_and_tokenizer is None:
-        model, tokenizer, image_processor = load_checkpoint(checkpoint)
+    if model_and_tokenizer is None:  # weights stay on disk until each graph's external data is written
+        model, tokenizer, image_processor, weights = load_checkpoint_lazy(checkpoint)
     else:
-        model, tokenizer, image_processor = model_and_tokenizer
+        (model, tokenizer, image_processor), weights = model_and_tokenizer, None
     facts = model_facts(model, tokenizer)
     config.validate(facts.max_context, facts.num_query_tokens)
     if facts.family != Family.DECODER_ONLY.value:
         from blip2_export import export_seq2seq
 
         return export_seq2seq.export_bundle_seq2seq(checkpoint, out, config, model, tokenizer, image_processor,
-                                                    facts, progress=progress)
+                                                    facts, progress=progress, weights=weights)
     max_ctx = min(config.max_context or facts.max_context, facts.max_context)
     facts = dataclasses.replace(facts, max_context=max_ctx)
     model = model.float().eval()
@@ -168,13 +168,13 @@ def export_bundle(checkpoint: str | Path, out: str | Path, config: ExportConfig 
     with atomic_directory(out, force=config.force) as tmp:
         graphs = {}
         for name, module, io in progress_bar(plans, progress, "export"):
-            graphs[name.value] = export_graph(tmp, name, module, io, sizes, config)
+            graphs[name.value] = export_graph(tmp, name, module, io, sizes, config, weights)
         if config.ort_engine:
             from engines.ort_optimize import attach_ort_engine
 
             graphs[GraphName.DECODER.value] = attach_ort_engine(tmp, graphs[GraphName.DECODER.value], facts,
                                                                 warn=warnings.warn)
-        files = write_text_side(tmp, model, tokenizer)
+        files = write_text_side(tmp, model, tokenizer, weights)
         write_manifest(tmp, checkpoint=checkpoint, facts=facts, image_processor=image_processor, dims=dims,
                        graphs=graphs, files=files, config=config,
                        generation=GenerationDefaults(max_new_tokens=config.max_new_tokens))

@@ -25,7 +25,8 @@ TRACE_SIZES = {"batch": 2, "enc_seq": 6, "seq": 3, "past": 4, "total": 7}
 
 
 def export_bundle_seq2seq(checkpoint, out: Path, config, model, tokenizer, image_processor, facts: ModelFacts,
-                          *, progress: bool = True) -> Path:
+                          *, progress: bool = True, weights=None) -> Path:
+    """Export the T5-family graphs; ``weights`` as for :func:`blip2_export.bundle_writer.export_onnx`."""
 
     from blip2_export.bundle_writer import export_graph, progress_bar, write_manifest, write_text_side
     from blip2_export.graphs import QFormerGraph, VisionGraph
@@ -65,12 +66,14 @@ def export_bundle_seq2seq(checkpoint, out: Path, config, model, tokenizer, image
     with atomic_directory(out, force=config.force) as tmp:
         graphs = {}
         for name, module, io in progress_bar(plans, progress, "export"):
-            graphs[name.value] = export_graph(tmp, name, module, io, TRACE_SIZES, config)
-        files = write_text_side(tmp, model, tokenizer)
+            graphs[name.value] = export_graph(tmp, name, module, io, TRACE_SIZES, config, weights)
+        files = write_text_side(tmp, model, tokenizer, weights)
         dec = decoder_embeddings(lm)
         if dec.data_ptr() != model.get_input_embeddings().weight.data_ptr():
             # An untied decoder table (no T5 we know has one) travels beside the shared one.
-            np.save(tmp / "decoder_embed_tokens.npy", dec.detach().float().cpu().numpy(), allow_pickle=False)
+            from blip2_export.weights import ModuleWeights
+
+            np.save(tmp / "decoder_embed_tokens.npy", (weights or ModuleWeights()).array(dec), allow_pickle=False)
             files["decoder_embed_tokens"] = file_record(tmp, "decoder_embed_tokens.npy")
         write_manifest(tmp, checkpoint=checkpoint, facts=facts, image_processor=image_processor, dims=dims,
                        graphs=graphs, files=files, config=config, generation=GenerationDefaults(max_new_tokens=config.max_new_tokens))

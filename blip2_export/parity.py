@@ -183,51 +183,109 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
                max_new_tokens: int = 32, model_and_tokenizer=None, progress: bool = False,
                logits_diff: bool = True, eager_cache: dict | None = None, **backend_options) -> ParityReport:
     """Compare eager and bundle. ``eager_cache`` (a dict) lets several calls share eager generations;
-    ``logits_diff=False`` skips the teacher-forced logits comparison."""
-    import torch
+    ``logits_diff=False`` skips the teacher-forced logits comparison.
 
-    from blip2_export.modelzoo import load_checkpoint
-    from runtime.decoder_only import DecoderOnlyModel
-    from runtime.pipeline import Blip2Runtime
+    The two sides run one after the other, never both in memory (a model near the machine's size fits):
+    the eager model computes every reference (stages, generations, teacher-forced logits) and is
+    released when it was loaded here, then the bundle is loaded and compared against them."""
+    from runtime.manifest import load_manifest
     from runtime.preprocess import load_image
 
     if precision not in THRESHOLDS:
         raise Blip2Error(f"unknown precision {precision!r}; choose one of: {', '.join(THRESHOLDS)}")
-    model, tokenizer, processor = model_and_tokenizer or load_checkpoint(checkpoint)
-    model = model.float().eval()
-    rt = Blip2Runtime(bundle, precision=precision, backend=backend, **backend_options)
+    manifest = load_manifest(bundle)  # the special ids and versions: small, read before the eager side
+    for name in manifest.graphs.get("fp32", {}):  # a missing precision fails now, not after the eager run
+        manifest.graph(name, precision)
     t = THRESHOLDS[precision]
     report = ParityReport(precision, backend, num_beams, batch, max_new_tokens, t)
-    report.reference_drift = warn_reference_drift(rt.manifest.versions)
+    report.reference_drift = warn_reference_drift(manifest.versions)
     files = list(images) if images is not None else list_images(None)
     names = [str(getattr(f, "filename", f)) if not isinstance(f, (str, Path)) else Path(f).name for f in files]
     pil = [load_image(f) for f in files]
-
-    # stages
-    pv_ref = processor(pil, return_tensors="pt")["pixel_values"].float()
-    pv = rt.pixel_values(pil)
-    report.stages.append(_stage("preprocess", pv_ref.numpy(), pv, THRESHOLDS["fp32"]))
-    with torch.no_grad():
-        emb_ref = model.vision_model(pixel_values=pv_ref, return_dict=True).last_hidden_state
-        from blip2_export.graphs import QFormerGraph
-
-        prefix_ref = QFormerGraph(model)(emb_ref)
-    emb = np.concatenate([rt.image_embeds(pv[i:i + 1]) for i in range(len(pil))])
-    prefix = np.concatenate([rt.image_features(pv[i:i + 1]) for i in range(len(pil))])
-    report.stages.append(_stage("vision", emb_ref.numpy(), emb, t))
-    report.stages.append(_stage("visual_prefix", prefix_ref.numpy(), prefix, t))
-
-    # generation: eager one sample at a time (the reference), runtime in batches of `batch`
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
     jobs = [(i, p) for i in range(len(pil)) for p in prompts]
+
+    ref = _eager_references(checkpoint, model_and_tokenizer, manifest, pil, names, jobs, num_beams,
+                            max_new_tokens, logits_diff, eager_cache)
+    return _compare_runtime(bundle, precision, backend, backend_options, report, ref, pil, names, jobs,
+                            num_beams, batch, max_new_tokens, progress)
+
+
+def _eager_references(checkpoint, model_and_tokenizer, manifest, pil, names, jobs, num_beams: int,
+                      max_new_tokens: int, logits_diff: bool, eager_cache: dict | None) -> dict:
+    """Everything the eager model contributes to a parity run, as arrays and token lists."""
+    import gc
+
+    import torch
+
+    from blip2_export.graphs import QFormerGraph
+    from blip2_export.modelzoo import load_checkpoint
+
+    model, tokenizer, processor = model_and_tokenizer or load_checkpoint(checkpoint)
+    model = model.float().eval()
+    facts = manifest.model
     nq, image_id = model.config.num_query_tokens, model.config.image_token_index
     decoder_only = model.config.use_decoder_only_language_model
     # The special ids the exporter resolved (text_config, then generation_config.json, then the tokenizer),
     # given to eager generate too: both sides stop and start on the same tokens by construction.
-    facts = rt.manifest.model
     special_ids: dict = {"eos_token_id": list(facts.eos_token_ids), "pad_token_id": facts.pad_token_id}
     if not decoder_only:
         special_ids["decoder_start_token_id"] = facts.decoder_start_token_id
+    pv_ref = processor(pil, return_tensors="pt")["pixel_values"].float()
+    with torch.no_grad():
+        emb_ref = model.vision_model(pixel_values=pv_ref, return_dict=True).last_hidden_state
+        prefix_ref = QFormerGraph(model)(emb_ref)
+    out: dict = {"pixel_values": pv_ref.numpy(), "image_embeds": emb_ref.numpy(),
+                 "prefix": prefix_ref.numpy(), "decoder_only": decoder_only, "jobs": []}
+    for i, p in jobs:
+        text_ids = tokenizer(p).input_ids
+        # Both families: generate scatters the image features over the <image> placeholders (the
+        # processor puts num_query_tokens of them before the text); T5 without them never sees the image.
+        ids = torch.tensor([[image_id] * nq + text_ids])
+        key = (id(model), names[i], p, num_beams, max_new_tokens)
+        if eager_cache is not None and key in eager_cache:
+            tokens = eager_cache[key]
+        else:
+            with torch.no_grad():
+                gen = model.generate(pixel_values=pv_ref[i:i + 1], input_ids=ids,
+                                     attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, num_beams=num_beams, **special_ids)
+            tokens = gen[0, ids.shape[1]:].tolist() if decoder_only else gen[0, 1:].tolist()
+            tokens = _trim(tokens, list(facts.eos_token_ids), facts.pad_token_id)
+            if eager_cache is not None:
+                eager_cache[key] = tokens
+        logits = None
+        if logits_diff and tokens:
+            logits = (_forced_logits(model, prefix_ref[i:i + 1], text_ids, tokens) if decoder_only
+                      else _forced_logits_seq2seq(model, facts.decoder_start_token_id, prefix_ref[i:i + 1],
+                                                  text_ids, tokens))
+        out["jobs"].append({"text_ids": text_ids, "tokens": tokens, "logits": logits,
+                            "text": tokenizer.decode(tokens, skip_special_tokens=True).strip()})
+    if model_and_tokenizer is None:  # loaded here: gone before the bundle comes in
+        del model, emb_ref, prefix_ref
+        gc.collect()
+        from blip2_export.weights import release_freed_memory
+
+        release_freed_memory()
+    return out
+
+
+def _compare_runtime(bundle, precision: str, backend: str, backend_options: dict, report: ParityReport,
+                     ref: dict, pil, names, jobs, num_beams: int, batch: int, max_new_tokens: int,
+                     progress: bool) -> ParityReport:
+    from runtime.decoder_only import DecoderOnlyModel
+    from runtime.pipeline import Blip2Runtime
+
+    rt = Blip2Runtime(bundle, precision=precision, backend=backend, **backend_options)
+    t = report.thresholds
+    pv = rt.pixel_values(pil)
+    report.stages.append(_stage("preprocess", ref["pixel_values"], pv, THRESHOLDS["fp32"]))
+    emb = np.concatenate([rt.image_embeds(pv[i:i + 1]) for i in range(len(pil))])
+    prefix = np.concatenate([rt.image_features(pv[i:i + 1]) for i in range(len(pil))])
+    report.stages.append(_stage("vision", ref["image_embeds"], emb, t))
+    report.stages.append(_stage("visual_prefix", ref["prefix"], prefix, t))
+
+    # generation: eager one sample at a time (the reference), runtime in batches of `batch`
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
     it = range(0, len(jobs), batch)
     if progress:
         from tqdm import tqdm
@@ -236,36 +294,28 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
     for start in it:
         chunk = jobs[start:start + batch]
         got = rt.generate(prompts=[p for _, p in chunk], prefix=prefix[[i for i, _ in chunk]], config=cfg)
-        for (i, p), g in zip(chunk, got):
-            text_ids = tokenizer(p).input_ids
-            # Both families: generate scatters the image features over the <image> placeholders (the
-            # processor puts num_query_tokens of them before the text); T5 without them never sees the image.
-            ids = torch.tensor([[image_id] * nq + text_ids])
-            key = (id(model), names[i], p, num_beams, max_new_tokens)
-            if eager_cache is not None and key in eager_cache:
-                ref = eager_cache[key]
-            else:
-                with torch.no_grad():
-                    out = model.generate(pixel_values=pv_ref[i:i + 1], input_ids=ids,
-                                         attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                         do_sample=False, num_beams=num_beams, **special_ids)
-                ref = out[0, ids.shape[1]:].tolist() if decoder_only else out[0, 1:].tolist()
-                ref = _trim(ref, list(facts.eos_token_ids), facts.pad_token_id)
-                if eager_cache is not None:
-                    eager_cache[key] = ref
-            agree = sum(a == b for a, b in zip(ref, g.token_ids))
-            first = next((k for k, (a, b) in enumerate(zip(ref, g.token_ids)) if a != b), None)
-            if first is None and len(ref) != len(g.token_ids):
-                first = min(len(ref), len(g.token_ids))
+        for k, ((i, p), g) in enumerate(zip(chunk, got)):
+            job = ref["jobs"][start + k]
+            tokens = job["tokens"]
+            agree = sum(a == b for a, b in zip(tokens, g.token_ids))
+            first = next((n for n, (a, b) in enumerate(zip(tokens, g.token_ids)) if a != b), None)
+            if first is None and len(tokens) != len(g.token_ids):
+                first = min(len(tokens), len(g.token_ids))
             ld = None
-            if logits_diff and not decoder_only and ref:
-                ld = _forced_logits_diff_seq2seq(model, rt, prefix[i:i + 1], prefix_ref[i:i + 1], text_ids, ref)
-            if logits_diff and decoder_only and ref:
-                ld = _forced_logits_diff(model, rt, DecoderOnlyModel, prefix[i:i + 1], prefix_ref[i:i + 1],
-                                         text_ids, ref)
+            if job["logits"] is not None:
+                if ref["decoder_only"]:
+                    from runtime.contract import GraphName
+
+                    sm = DecoderOnlyModel(rt.manifest, rt.graph(GraphName.DECODER), rt.embed, prefix[i:i + 1],
+                                          [list(job["text_ids"])])
+                else:
+                    from runtime.encoder_decoder import EncoderDecoderModel
+
+                    sm = EncoderDecoderModel(rt, prefix[i:i + 1], [list(job["text_ids"])])
+                ld = _stepwise_max_diff(sm, tokens, job["logits"])
             report.generations.append(GenResult(
-                names[i], p, ref, g.token_ids, agree, max(len(ref), len(g.token_ids)), first, ld,
-                tokenizer.decode(ref, skip_special_tokens=True).strip(), g.text))
+                names[i], p, tokens, g.token_ids, agree, max(len(tokens), len(g.token_ids)), first, ld,
+                job["text"], g.text))
     return report
 
 
@@ -279,11 +329,9 @@ def _trim(ids: list[int], eos, pad: int) -> list[int]:
     return out
 
 
-def _forced_logits_diff(model, rt, model_cls, prefix, prefix_ref, text_ids, ref) -> float:
-    """Max |logits| difference over the steps when both follow the eager model's tokens."""
+def _forced_logits(model, prefix_ref, text_ids, ref) -> np.ndarray:
+    """Eager logits at each step when the model follows its own tokens ``ref`` (teacher forcing)."""
     import torch
-
-    from runtime.contract import GraphName
 
     emb = model.get_input_embeddings()
     with torch.no_grad():
@@ -292,26 +340,19 @@ def _forced_logits_diff(model, rt, model_cls, prefix, prefix_ref, text_ids, ref)
         logits_ref = model.language_model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2],
                                           dtype=torch.long)).logits
     start = prefix_ref.shape[1] + len(text_ids) - 1
-    logits_ref = logits_ref[0, start:].float().numpy()
-    sm = model_cls(rt.manifest, rt.graph(GraphName.DECODER), rt.embed, prefix, [list(text_ids)])
-    return _stepwise_max_diff(sm, ref, logits_ref)
+    return logits_ref[0, start:].float().numpy()
 
 
-def _forced_logits_diff_seq2seq(model, rt, prefix, prefix_ref, text_ids, ref) -> float:
-    """Encoder-decoder version of :func:`_forced_logits_diff`: decoder fed [decoder_start] + eager tokens."""
+def _forced_logits_seq2seq(model, decoder_start: int, prefix_ref, text_ids, ref) -> np.ndarray:
+    """Encoder-decoder version of :func:`_forced_logits`: decoder fed [decoder_start] + eager tokens."""
     import torch
 
-    from runtime.encoder_decoder import EncoderDecoderModel
-
     lm = model.language_model
-    start = rt.manifest.model.decoder_start_token_id
     with torch.no_grad():
         embeds = torch.cat([prefix_ref, model.get_input_embeddings()(torch.tensor([list(text_ids)]))], dim=1)
-        dec_ids = torch.tensor([[start] + ref[:-1]], dtype=torch.long)
-        logits_ref = lm(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                        decoder_input_ids=dec_ids).logits[0].float().numpy()
-    sm = EncoderDecoderModel(rt, prefix, [list(text_ids)])
-    return _stepwise_max_diff(sm, ref, logits_ref)
+        dec_ids = torch.tensor([[decoder_start] + ref[:-1]], dtype=torch.long)
+        return lm(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                  decoder_input_ids=dec_ids).logits[0].float().numpy()
 
 
 def _stepwise_max_diff(sm, ref: list[int], logits_ref: np.ndarray) -> float:
