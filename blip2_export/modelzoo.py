@@ -336,14 +336,14 @@ def write_random_checkpoint(path: str | Path, preset: str | ModelSpec = "tiny", 
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for name, p in shard:
-                if p.dim() >= 2 and p is not embed and name != "query_tokens":
-                    t = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
-                elif "norm" in name and name.endswith("weight"):
+                if "norm" in name and name.endswith("weight") and p.dim() == 1:
                     t = torch.ones(p.shape)
-                elif p is embed or name == "query_tokens":
+                else:  # in place: one tensor's bytes at a time
                     t = torch.randn(p.shape, generator=g)
-                else:
-                    t = torch.randn(p.shape, generator=g) * 0.02
+                    if p.dim() >= 2 and p is not embed and name != "query_tokens":
+                        t.div_(p.shape[-1] ** 0.5)
+                    elif p.dim() < 2:
+                        t.mul_(0.02)
                 f.write(memoryview(t.contiguous().numpy()).cast("B"))
                 del t
         tmp.replace(path / file)

@@ -1,7 +1,7 @@
 """Weights from the checkpoint to the graphs, one tensor at a time (the "big models" part of DESIGN.md).
 
 A model this exporter traces need not hold its weights: :func:`load_checkpoint_lazy` builds it from the
-config with parameters that take no memory (each a stride-0 view of one number), and a
+config with parameters that take no memory (zeros the OS maps to its one zero page), and a
 :class:`CheckpointWeights` reads any parameter's real values from the checkpoint's safetensors when a
 graph's external data is written. :func:`export_onnx_streaming` exports a graph with its parameters as
 inputs, folds the constant parts the way the TorchScript exporter's constant folding does (``Transpose``
@@ -139,8 +139,9 @@ def safetensors_keys(folder: Path) -> dict[str, str]:
 def weightless_model(config):
     """A ``Blip2ForConditionalGeneration`` for ``config`` whose parameters take no memory.
 
-    Built on the meta device (no allocation, no random init), then every parameter becomes a stride-0
-    float32 view of one number of its own, which torch can trace through (tied parameters stay one object).
+    Built on the meta device (no allocation, no random init), then every parameter becomes float32 zeros
+    never written but for one value of its own (one page each), which torch can trace through in place
+    (tied parameters stay one object).
     """
     import torch
     from transformers import Blip2ForConditionalGeneration
@@ -153,9 +154,12 @@ def weightless_model(config):
             if p is None:
                 continue
             if id(p) not in standins:
-                # A value of its own: the exporter shares weights of equal value, which stand-ins are not.
-                value = torch.full((), float(len(standins) + 1), dtype=torch.float32)
-                standins[id(p)] = torch.nn.Parameter(value.expand(p.shape), requires_grad=False)
+                # Zeros the OS has not allocated (reading them maps its one zero page, which RSS does not
+                # count), with a first value of its own: the exporter shares weights of equal value.
+                # Contiguous, so the traced matmuls read them in place (a stride-0 view would be copied).
+                value = torch.from_numpy(np.zeros(tuple(p.shape), np.float32))
+                value.view(-1)[:1] = float(len(standins) + 1)
+                standins[id(p)] = torch.nn.Parameter(value, requires_grad=False)
             module._parameters[name] = standins[id(p)]
     if any(b.device.type == "meta" for b in model.buffers()):
         raise Blip2Error("the model has buffers that a weightless build cannot fill")
@@ -212,6 +216,7 @@ def export_onnx_streaming(module, args: tuple, io, path: Path, opset: int, exter
             proto.graph.initializer.append(t)
         if writer is not None:
             writer.close()
+            writer.relocate(proto.graph.initializer)
             os.replace(tmp_data, path.parent / data_name)
         tmp_graph = path.parent / f".{path.name}.tmp"
         onnx.save_model(proto, str(tmp_graph))

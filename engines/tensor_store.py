@@ -117,10 +117,12 @@ class DataWriter:
     """Appends tensors to one external-data file (``location`` is its name beside the graph).
 
     Writes go to ``path`` directly; callers give a temporary path and rename it when the graph is done.
+    Until then the tensors written refer to ``path`` itself (absolute), so a later pass can read them
+    (:func:`tensor_array`); :func:`save_streaming` points them at ``location``.
     """
 
     def __init__(self, path: str | Path, location: str):
-        self.path = Path(path)
+        self.path = Path(path).resolve()
         self.location = location
         self._f = open(self.path, "wb")  # noqa: SIM115 - appended to across calls; close() closes it
         self.offset = 0
@@ -147,8 +149,9 @@ class DataWriter:
         else:
             self._f.write(data)
             length = len(data)
+        self._f.flush()  # readable through its path by a later pass
         _clear_values(t)
-        _set_external(t, self.location, self.offset, length)
+        _set_external(t, str(self.path), self.offset, length)
         self.offset += length
 
     def copy_external(self, t) -> None:
@@ -168,8 +171,18 @@ class DataWriter:
                     raise Blip2Error(f"{info['location']} ends before tensor {t.name!r}")
                 self._f.write(chunk)
                 left -= len(chunk)
-        _set_external(t, self.location, start, length)
+        self._f.flush()
+        _set_external(t, str(self.path), start, length)
         self.offset += length
+
+    def relocate(self, tensors) -> None:
+        """Point the tensors written here at the file's final name beside the graph (``location``)."""
+        here = str(self.path)
+        for t in tensors:
+            if is_external(t) and external_info(t)["location"] == here:
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = self.location
 
     def close(self) -> None:
         if not self._f.closed:
@@ -238,11 +251,11 @@ def save_streaming(model, path: str | Path, *, external_threshold: int, share: t
             onnx.save_model(model, str(tmp_graph))
             os.replace(tmp_graph, path)
             return []
-        writer = writer or DataWriter(tmp_data, data_name)
+        writer = _compacted(writer, inits) if writer is not None else DataWriter(tmp_data, data_name)
         for t in inits:
             if is_external(t):
                 loc = external_info(t)["location"]
-                if loc == writer.location:  # spilled by a pass: already in the new file
+                if loc == str(writer.path):  # spilled by a pass: already in the new file
                     continue
                 if loc in shared:
                     for e in t.external_data:
@@ -260,6 +273,7 @@ def save_streaming(model, path: str | Path, *, external_threshold: int, share: t
                 spill(t, writer)
         writer.close()
         wrote = writer.offset > 0
+        writer.relocate(inits)
         onnx.save_model(model, str(tmp_graph))
         if wrote:
             os.replace(writer.path, path.parent / data_name)
@@ -268,9 +282,26 @@ def save_streaming(model, path: str | Path, *, external_threshold: int, share: t
     finally:
         if writer is not None:
             writer.close()
+            if writer.path.exists():  # not renamed into place: an interrupted save
+                writer.path.unlink()
         for p in (tmp_data, tmp_graph):
             if p.exists():
                 p.unlink()
+
+
+def _compacted(writer: DataWriter, inits: list) -> DataWriter:
+    """``writer``, or a fresh file with only the tensors the graph still uses when passes dropped some of
+    what they spilled (an engine packs the q/k/v weights it lowered a moment before)."""
+    here = str(writer.path)
+    live = [t for t in inits if is_external(t) and external_info(t)["location"] == here]
+    if sum(tensor_nbytes(t) for t in live) + ALIGN * len(live) >= writer.offset:
+        return writer
+    writer.close()
+    fresh = DataWriter(writer.path.with_name(writer.path.name + ".compact"), writer.location)
+    for t in live:
+        fresh.copy_external(t)
+    writer.path.unlink()
+    return fresh
 
 
 def new_writer(path: str | Path) -> DataWriter:

@@ -104,3 +104,39 @@ def test_checkpoint_tensors_are_read_as_transformers_reads_them(tmp_path, dtype)
         got = w.read(k)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, v.float().numpy())
+
+
+def test_int8_engine_built_from_external_data_equals_the_in_memory_build(tiny_bundle, tmp_path):
+    """The int8 decoder engine (MatMulNBits lowering, then q|k|v packing of the lowered weights) built
+    from a graph whose weights are on disk: the same graph and values as built from inline weights, and
+    its data file holds only the tensors it uses (the lowered q/k/v weights packing replaced are gone)."""
+    import onnx
+
+    from engines.int8 import quantize_weights
+    from engines.onnx_utils import save_model_atomic
+    from engines.ort_optimize import build_decoder_engine
+    from engines.tensor_store import external_info, is_external, load_lazy, tensor_array, tensor_nbytes
+    from runtime.manifest import load_manifest
+
+    m = load_manifest(tiny_bundle)
+    io = m.expected_io("decoder", "float32")
+    q = quantize_weights(tiny_bundle / "decoder.onnx", "decoder", io).model
+    inline, external = tmp_path / "inline", tmp_path / "external"
+    inline.mkdir()
+    external.mkdir()
+    save_model_atomic(onnx.ModelProto.FromString(q.SerializeToString()), inline / "d.onnx")
+    assert save_model_atomic(q, external / "d.onnx", external_threshold=0) == ["d.onnx.data"]
+    f = m.model
+    kw = dict(layers=f.llm_layers, heads=f.llm_heads, head_dim=f.head_dim)
+    ext_a, notes_a = build_decoder_engine(inline / "d.onnx", inline / "e.onnx", **kw)
+    ext_b, notes_b = build_decoder_engine(external / "d.onnx", external / "e.onnx", **kw)
+    assert ext_a == [] and ext_b == ["e.onnx.data", "d.onnx.data"]  # shares the int8 graph's weights
+    assert notes_a["qkv_packed"] == notes_b["qkv_packed"] == f.llm_layers
+    a, b = load_lazy(inline / "e.onnx"), load_lazy(external / "e.onnx")
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    inits_b = {t.name: t for t in b.graph.initializer}
+    for t in a.graph.initializer:
+        np.testing.assert_array_equal(tensor_array(t), tensor_array(inits_b[t.name]))
+    own = [t for t in b.graph.initializer if is_external(t) and external_info(t)["location"].endswith("e.onnx.data")]
+    used = sum(tensor_nbytes(t) for t in own)
+    assert (external / "e.onnx.data").stat().st_size <= used + 64 * len(own)
