@@ -127,7 +127,7 @@ def test_int8_engine_built_from_external_data_equals_the_in_memory_build(tiny_bu
     save_model_atomic(onnx.ModelProto.FromString(q.SerializeToString()), inline / "d.onnx")
     assert save_model_atomic(q, external / "d.onnx", external_threshold=0) == ["d.onnx.data"]
     f = m.model
-    kw = dict(layers=f.llm_layers, heads=f.llm_heads, head_dim=f.head_dim)
+    kw = {"layers": f.llm_layers, "heads": f.llm_heads, "head_dim": f.head_dim}
     ext_a, notes_a = build_decoder_engine(inline / "d.onnx", inline / "e.onnx", **kw)
     ext_b, notes_b = build_decoder_engine(external / "d.onnx", external / "e.onnx", **kw)
     assert ext_a == [] and ext_b == ["e.onnx.data", "d.onnx.data"]  # shares the int8 graph's weights
