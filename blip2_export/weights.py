@@ -148,6 +148,7 @@ def weightless_model(config):
 
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(config)
+    return_large_frees_to_os()  # every stand-in of 1 MiB or more a fresh mapping: zero pages until written
     standins: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         for name, p in list(module._parameters.items()):
