@@ -8,7 +8,6 @@ call these.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +26,9 @@ from runtime.manifest import (
     file_record,
 )
 
-# Above this size a graph's weights go to one external data file beside it (protobuf caps at 2 GiB).
-DEFAULT_EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Above this size a graph's weights go to one external data file beside it (written one tensor at a time;
+# below it the graph holds them, built in memory).
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -104,36 +104,19 @@ def preprocess_facts(image_processor, image_size: int) -> Preprocess:
     )
 
 
-def export_onnx(module, args: tuple, io: GraphIO, path: Path, opset: int, external_threshold: int) -> list[str]:
+def export_onnx(module, args: tuple, io: GraphIO, path: Path, opset: int, external_threshold: int,
+                weights=None) -> list[str]:
     """Export ``module`` with the names and dynamic axes declared by ``io``; return external data files.
 
-    Uses the TorchScript exporter, which is fast on these graphs and reaches ~1e-7 parity. The module
-    is put in eval mode first: that exporter would otherwise keep training-mode dropout.
+    Uses the TorchScript exporter, which is fast on these graphs and reaches ~1e-7 parity. Weights are
+    streamed (:func:`blip2_export.weights.export_onnx_streaming`) from ``weights`` (a
+    :class:`~blip2_export.weights.CheckpointWeights` for a lazily loaded model; the module's own tensors
+    when None), so no graph's weights are ever held twice. The module is put in eval mode first: that
+    exporter would otherwise keep training-mode dropout.
     """
-    import tempfile
+    from blip2_export.weights import ModuleWeights, export_onnx_streaming
 
-    import onnx
-    import torch
-
-    module.eval()
-    # A private folder: for large graphs torch writes one external file per tensor next to the model.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as work:
-        tmp = Path(work) / path.name
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, args, str(tmp), input_names=io.input_names(), output_names=io.output_names(),
-                dynamic_axes=io.dynamic_axes(), opset_version=opset, dynamo=False, do_constant_folding=True,
-            )
-        proto = onnx.load(str(tmp), load_external_data=True)
-    weight_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
-    if weight_bytes > external_threshold:
-        data_name = path.name + ".data"
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        return [data_name]
-    onnx.save_model(proto, str(path))
-    return []
+    return export_onnx_streaming(module, args, io, path, opset, external_threshold, weights or ModuleWeights())
 
 
 def progress_bar(items, enabled: bool, desc: str):
@@ -171,20 +154,25 @@ def write_manifest(tmp: Path, *, checkpoint, facts: ModelFacts, image_processor,
     return manifest
 
 
-def export_graph(tmp: Path, name: GraphName, module, io: GraphIO, sizes: dict, config: ExportConfig) -> GraphRecord:
+def export_graph(tmp: Path, name: GraphName, module, io: GraphIO, sizes: dict, config: ExportConfig,
+                 weights=None) -> GraphRecord:
     from blip2_export.graphs import example_inputs
 
     file = f"{name.value}.onnx"
     ext = export_onnx(module, example_inputs(io, sizes), io, tmp / file, config.opset,
-                      config.external_data_threshold)
+                      config.external_data_threshold, weights)
     rec = file_record(tmp, file)
     return GraphRecord(name=name.value, file=file, sha256=rec.sha256, io=io, precision="fp32",
                        external_data=tuple(file_record(tmp, e) for e in ext))
 
 
-def write_text_side(tmp: Path, model, tokenizer) -> dict:
-    """Token embedding table (the "prompt table") and tokenizer files; returns their file records."""
-    emb = model.get_input_embeddings().weight.detach().float().cpu().numpy()
+def write_text_side(tmp: Path, model, tokenizer, weights=None) -> dict:
+    """Token embedding table (the "prompt table") and tokenizer files; returns their file records.
+
+    ``weights``: where the table's values come from (see :func:`export_onnx`)."""
+    from blip2_export.weights import ModuleWeights
+
+    emb = (weights or ModuleWeights()).array(model.get_input_embeddings().weight)
     np.save(tmp / "embed_tokens.npy", np.ascontiguousarray(emb), allow_pickle=False)
     tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
     special = {

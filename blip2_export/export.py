@@ -38,7 +38,8 @@ def export_bundle(checkpoint: str | Path | None, out: str | Path, config: Export
     out = Path(out)
     if out.exists() and not config.force:
         raise Blip2Error(f"output {out} already exists", hint="pass --force to replace it")
-    family, (model, tokenizer, image_processor) = load_for_export(checkpoint, model_and_tokenizer)
+    # weights: read from the checkpoint one tensor at a time as each graph is written (blip2_export.weights)
+    family, (model, tokenizer, image_processor), weights = load_for_export(checkpoint, model_and_tokenizer)
     facts = family.facts(model, tokenizer)
     config.validate(facts.max_context, family.visual_tokens(facts))
     family.check(facts)
@@ -48,9 +49,10 @@ def export_bundle(checkpoint: str | Path | None, out: str | Path, config: Export
     with atomic_directory(out, force=config.force) as tmp:
         graphs = {}
         for plan in progress_bar(family.plan(model, facts), progress, "export"):
-            graphs[plan.name.value] = export_graph(tmp, plan.name, plan.module, plan.io, family.trace_sizes, config)
+            graphs[plan.name.value] = export_graph(tmp, plan.name, plan.module, plan.io, family.trace_sizes, config,
+                                                   weights)
         graphs = family.attach_engines(tmp, graphs, facts, config, warnings.warn)
-        files = family.write_text(tmp, model, tokenizer)
+        files = family.write_text(tmp, model, tokenizer, weights)
         write_manifest(tmp, checkpoint=checkpoint, facts=facts, image_processor=image_processor, dims=dims,
                        graphs=graphs, files=files, config=config, generation=family.generation(config))
     return out

@@ -46,6 +46,7 @@ class ModelSpec:
     llm_kv_heads: int | None = None  # llama: key/value heads (None: llm_heads)
     max_positions: int = 256
     extra_words: tuple[str, ...] = ()
+    vocab_size: int | None = None  # LLM vocabulary rows; None: the tokenizer's size (padded up, as published)
 
     def validate(self) -> None:
         if self.llm not in ("opt", "llama", "t5"):
@@ -121,11 +122,12 @@ def make_config(spec: ModelSpec, tokenizer):
         encoder_hidden_size=spec.vision_hidden, vocab_size=len(tokenizer),
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    vocab = max(len(tokenizer), spec.vocab_size or 0)
     if spec.llm == "opt":
         text = OPTConfig(
-            vocab_size=len(tokenizer), hidden_size=spec.llm_hidden, num_hidden_layers=spec.llm_layers,
+            vocab_size=vocab, hidden_size=spec.llm_hidden, num_hidden_layers=spec.llm_layers,
             num_attention_heads=spec.llm_heads, ffn_dim=spec.llm_ffn, word_embed_proj_dim=spec.llm_hidden,
             max_position_embeddings=spec.max_positions, dropout=0.0, attention_dropout=0.0,
             activation_dropout=0.0, layerdrop=0.0, tie_word_embeddings=False, **ids,
@@ -139,7 +141,7 @@ def make_config(spec: ModelSpec, tokenizer):
         )
     else:
         text = T5Config(
-            vocab_size=len(tokenizer), d_model=spec.llm_hidden, d_kv=spec.llm_hidden // spec.llm_heads,
+            vocab_size=vocab, d_model=spec.llm_hidden, d_kv=spec.llm_hidden // spec.llm_heads,
             d_ff=spec.llm_ffn, num_layers=spec.llm_layers, num_decoder_layers=spec.llm_layers,
             num_heads=spec.llm_heads, feed_forward_proj="gated-gelu", dropout_rate=0.0,
             tie_word_embeddings=False, decoder_start_token_id=tokenizer.pad_token_id, **ids,
@@ -303,6 +305,77 @@ def make_random_checkpoint(path: str | Path, preset: str | ModelSpec = "tiny", s
     return save_checkpoint(model, tok, proc, path)
 
 
+def write_random_checkpoint(path: str | Path, preset: str | ModelSpec = "tiny", seed: int = 0,
+                            shard_bytes: int = 4 << 30, **overrides: Any) -> Path:
+    """A random checkpoint of any size, written one tensor at a time (fp32 safetensors shards + index).
+
+    For models larger than memory (the full-size check): the model is built on the meta device and each
+    parameter's values are drawn and written in turn, with :func:`init_blip2_weights`'s rules (matrices
+    N(0, 1/fan_in), norms 1, vectors 0.02 N(0, 1), query tokens and the token embeddings N(0, 1)); the
+    draws differ from :func:`make_random_checkpoint`'s. The folder loads with transformers as usual.
+    """
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from blip2_export.text_tokenizer import build_word_tokenizer
+
+    spec = get_spec(preset, **overrides)
+    tokenizer = build_word_tokenizer(spec.extra_words, add_bos=spec.llm == "opt", add_eos=spec.llm == "t5")
+    config = make_config(spec, tokenizer)
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config)
+    embed = model.get_input_embeddings().weight
+    params = list(model.named_parameters())  # tied parameters once, as save_pretrained writes them
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shards: list[list[tuple[str, Any]]] = [[]]
+    size = 0
+    for name, p in params:
+        nbytes = p.numel() * 4
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, p))
+        size += nbytes
+    g = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, p in shard:
+            n = p.numel() * 4
+            header[name] = {"dtype": "F32", "shape": list(p.shape), "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[name] = file
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        tmp = path / f".{file}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for name, p in shard:
+                if "norm" in name and name.endswith("weight") and p.dim() == 1:
+                    t = torch.ones(p.shape)
+                else:  # in place: one tensor's bytes at a time
+                    t = torch.randn(p.shape, generator=g)
+                    if p.dim() >= 2 and p is not embed and name != "query_tokens":
+                        t.div_(p.shape[-1] ** 0.5)
+                    elif p.dim() < 2:
+                        t.mul_(0.02)
+                f.write(memoryview(t.contiguous().numpy()).cast("B"))
+                del t
+        tmp.replace(path / file)
+    total = sum(p.numel() * 4 for _, p in params)
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
+    make_image_processor(spec).save_pretrained(path)
+    write_processor_config(path, config.num_query_tokens)
+    return path
+
+
 def _image_processor_class():
     """transformers' PIL BLIP processor: the one that reproduces the published models' preprocessing.
 
@@ -328,7 +401,40 @@ def load_checkpoint(path: str | Path, dtype: str = "float32"):
     BLIP-2 checkpoint.
     """
     import torch
-    from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
+    from transformers import Blip2ForConditionalGeneration
+
+    path, config, tokenizer, image_processor = _read_checkpoint(path)
+    model = Blip2ForConditionalGeneration.from_pretrained(path, config=config, dtype=getattr(torch, dtype))
+    model.eval()
+    return model, tokenizer, image_processor
+
+
+def load_checkpoint_lazy(path: str | Path):
+    """``(model, tokenizer, image_processor, weights)`` for exporting without loading the weights.
+
+    The model is built from the checkpoint's config with parameters that take no memory
+    (:func:`blip2_export.weights.weightless_model`); ``weights`` reads each one from the safetensors
+    when a graph is written. A checkpoint with only ``*.bin`` weights (pickles cannot be read one tensor
+    at a time) is loaded whole, its own tensors being the weights.
+    """
+    from blip2_export.weights import CheckpointWeights, ModuleWeights, weightless_model
+
+    path, config, tokenizer, image_processor = _read_checkpoint(path)
+    if not list(path.glob("*.safetensors")):
+        model, tokenizer, image_processor = load_checkpoint(path)
+        return model, tokenizer, image_processor, ModuleWeights()
+    model = weightless_model(config)
+    if (path / "generation_config.json").is_file():  # from_pretrained reads it too (generation_ids uses it)
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model, tokenizer, image_processor, CheckpointWeights(path, model)
+
+
+def _read_checkpoint(path: str | Path):
+    """Check a checkpoint folder and read everything but its weights: ``(path, config, tokenizer,
+    image_processor)``."""
+    from transformers import AutoTokenizer, Blip2Config
 
     path = Path(path)
     if not path.is_dir():
@@ -367,8 +473,6 @@ def load_checkpoint(path: str | Path, dtype: str = "float32"):
             tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
             image_id = tokenizer.convert_tokens_to_ids("<image>")
         config.image_token_index = image_id
-    model = Blip2ForConditionalGeneration.from_pretrained(path, config=config, dtype=getattr(torch, dtype))
-    model.eval()
     if (path / "preprocessor_config.json").is_file():
         image_processor = _image_processor_class().from_pretrained(path)
     else:
@@ -376,7 +480,7 @@ def load_checkpoint(path: str | Path, dtype: str = "float32"):
             size={"height": config.vision_config.image_size, "width": config.vision_config.image_size},
             resample=3, image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
         )
-    return model, tokenizer, image_processor
+    return path, config, tokenizer, image_processor
 
 
 def checkpoint_identity(path: str | Path) -> str:

@@ -99,8 +99,8 @@ class ParityReport:
 
     def render(self) -> str:
         t = self.thresholds
-        lines = [f"parity: {self.precision} on {self.backend}, beams={self.num_beams}, batch={self.batch}, "
-                 f"{self.max_new_tokens} new tokens", "", "stage            max_abs_diff   cosine      ok"]
+        lines = [(f"parity: {self.precision} on {self.backend}, beams={self.num_beams}, batch={self.batch}, "
+                 f"{self.max_new_tokens} new tokens"), "", "stage            max_abs_diff   cosine      ok"]
         for s in self.stages:
             lines.append(f"{s.name:<16} {s.max_abs:<14.3e} {s.cosine:<11.7f} {'yes' if s.ok else 'NO'}")
         lines.append("")
@@ -191,47 +191,104 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
                max_new_tokens: int = 32, model_and_tokenizer=None, progress: bool = False,
                logits_diff: bool = True, eager_cache: dict | None = None, **backend_options) -> ParityReport:
     """Compare eager and bundle. ``eager_cache`` (a dict) lets several calls share eager generations;
-    ``logits_diff=False`` skips the teacher-forced logits comparison."""
-    import torch
+    ``logits_diff=False`` skips the teacher-forced logits comparison.
 
-    from blip2_export.families import load_for_export
-    from runtime.pipeline import Blip2Runtime
+    The two sides run one after the other, never both in memory (a model near the machine's size fits):
+    the eager model computes every reference (stages, generations, teacher-forced logits) and is
+    released when it was loaded here, then the bundle is loaded and compared against them."""
+    from runtime.manifest import load_manifest
     from runtime.preprocess import load_image
 
     if precision not in THRESHOLDS:
         raise Blip2Error(f"unknown precision {precision!r}; choose one of: {', '.join(THRESHOLDS)}")
-    family, (model, tokenizer, processor) = load_for_export(checkpoint, model_and_tokenizer)
-    model = model.float().eval()
-    rt = Blip2Runtime(bundle, precision=precision, backend=backend, **backend_options)
+    manifest = load_manifest(bundle)  # the special ids and versions: small, read before the eager side
+    for name in manifest.graphs.get("fp32", {}):  # a missing precision fails now, not after the eager run
+        manifest.graph(name, precision)
     t = THRESHOLDS[precision]
     report = ParityReport(precision, backend, num_beams, batch, max_new_tokens, t)
-    report.reference_drift = warn_reference_drift(rt.manifest.versions)
+    report.reference_drift = warn_reference_drift(manifest.versions)
     files = list(images) if images is not None else list_images(None)
     names = [str(getattr(f, "filename", f)) if not isinstance(f, (str, Path)) else Path(f).name for f in files]
     pil = [load_image(f) for f in files]
-
-    # stages
-    pv_ref = processor(pil, return_tensors="pt")["pixel_values"].float()
-    pv = rt.pixel_values(pil)
-    report.stages.append(_stage("preprocess", pv_ref.numpy(), pv, THRESHOLDS["fp32"]))
-    with torch.no_grad():
-        emb_ref = model.vision_model(pixel_values=pv_ref, return_dict=True).last_hidden_state
-        from blip2_export.graphs import QFormerGraph
-
-        prefix_ref = QFormerGraph(model)(emb_ref)
-    emb = np.concatenate([rt.image_embeds(pv[i:i + 1]) for i in range(len(pil))])
-    prefix = np.concatenate([rt.image_features(pv[i:i + 1]) for i in range(len(pil))])
-    report.stages.append(_stage("vision", emb_ref.numpy(), emb, t))
-    report.stages.append(_stage("visual_prefix", prefix_ref.numpy(), prefix, t))
-
-    # generation: eager one sample at a time (the reference), runtime in batches of `batch`
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
     jobs = [(i, p) for i in range(len(pil)) for p in prompts]
+
+    ref = _eager_references(checkpoint, model_and_tokenizer, manifest, pil, names, jobs, num_beams,
+                            max_new_tokens, logits_diff, eager_cache)
+    return _compare_runtime(bundle, precision, backend, backend_options, report, ref, pil, names, jobs,
+                            num_beams, batch, max_new_tokens, progress)
+
+
+def _eager_references(checkpoint, model_and_tokenizer, manifest, pil, names, jobs, num_beams: int,
+                      max_new_tokens: int, logits_diff: bool, eager_cache: dict | None) -> dict:
+    """Everything the eager model contributes to a parity run, as arrays and token lists (the family
+    adapter, :mod:`blip2_export.families`, says how its model generates and what its logits are)."""
+    import gc
+
+    import torch
+
+    from blip2_export.families import load_for_export
+    from blip2_export.graphs import QFormerGraph
+
+    family, (model, tokenizer, processor), _ = load_for_export(checkpoint, model_and_tokenizer, lazy=False)
+    model = model.float().eval()
+    facts = manifest.model
     nq, image_id = model.config.num_query_tokens, model.config.image_token_index
     # The special ids the exporter resolved (text_config, then generation_config.json, then the tokenizer),
     # given to eager generate too: both sides stop and start on the same tokens by construction.
-    facts = rt.manifest.model
     special_ids = family.eager_special_ids(facts)
+    pv_ref = processor(pil, return_tensors="pt")["pixel_values"].float()
+    with torch.no_grad():
+        emb_ref = model.vision_model(pixel_values=pv_ref, return_dict=True).last_hidden_state
+        prefix_ref = QFormerGraph(model)(emb_ref)
+    out: dict = {"pixel_values": pv_ref.numpy(), "image_embeds": emb_ref.numpy(), "prefix": prefix_ref.numpy(),
+                 "jobs": []}
+    for i, p in jobs:
+        text_ids = tokenizer(p).input_ids
+        # Both families: generate scatters the image features over the <image> placeholders (the
+        # processor puts num_query_tokens of them before the text); T5 without them never sees the image.
+        ids = torch.tensor([[image_id] * nq + text_ids])
+        key = (id(model), names[i], p, num_beams, max_new_tokens)
+        if eager_cache is not None and key in eager_cache:
+            tokens = eager_cache[key]
+        else:
+            with torch.no_grad():
+                gen = model.generate(pixel_values=pv_ref[i:i + 1], input_ids=ids,
+                                     attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, num_beams=num_beams, **special_ids)
+            tokens = family.eager_new_tokens(gen[0].tolist(), ids.shape[1])
+            tokens = _trim(tokens, list(facts.eos_token_ids), facts.pad_token_id)
+            if eager_cache is not None:
+                eager_cache[key] = tokens
+        logits = None
+        if logits_diff and tokens:  # eager logits along its own tokens (teacher forcing)
+            logits = family.eager_forced_logits(model, prefix_ref[i:i + 1], text_ids, tokens, facts)
+        out["jobs"].append({"text_ids": text_ids, "tokens": tokens, "logits": logits,
+                            "text": tokenizer.decode(tokens, skip_special_tokens=True).strip()})
+    if model_and_tokenizer is None:  # loaded here: gone before the bundle comes in
+        del model, emb_ref, prefix_ref
+        gc.collect()
+        from blip2_export.weights import release_freed_memory
+
+        release_freed_memory()
+    return out
+
+
+def _compare_runtime(bundle, precision: str, backend: str, backend_options: dict, report: ParityReport,
+                     ref: dict, pil, names, jobs, num_beams: int, batch: int, max_new_tokens: int,
+                     progress: bool) -> ParityReport:
+    from runtime.pipeline import Blip2Runtime
+
+    rt = Blip2Runtime(bundle, precision=precision, backend=backend, **backend_options)
+    t = report.thresholds
+    pv = rt.pixel_values(pil)
+    report.stages.append(_stage("preprocess", ref["pixel_values"], pv, THRESHOLDS["fp32"]))
+    emb = np.concatenate([rt.image_embeds(pv[i:i + 1]) for i in range(len(pil))])
+    prefix = np.concatenate([rt.image_features(pv[i:i + 1]) for i in range(len(pil))])
+    report.stages.append(_stage("vision", ref["image_embeds"], emb, t))
+    report.stages.append(_stage("visual_prefix", ref["prefix"], prefix, t))
+
+    # generation: eager one sample at a time (the reference), runtime in batches of `batch`
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
     it = range(0, len(jobs), batch)
     if progress:
         from tqdm import tqdm
@@ -240,34 +297,20 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
     for start in it:
         chunk = jobs[start:start + batch]
         got = rt.generate(prompts=[p for _, p in chunk], prefix=prefix[[i for i, _ in chunk]], config=cfg)
-        for (i, p), g in zip(chunk, got):
-            text_ids = tokenizer(p).input_ids
-            # Both families: generate scatters the image features over the <image> placeholders (the
-            # processor puts num_query_tokens of them before the text); T5 without them never sees the image.
-            ids = torch.tensor([[image_id] * nq + text_ids])
-            key = (id(model), names[i], p, num_beams, max_new_tokens)
-            if eager_cache is not None and key in eager_cache:
-                ref = eager_cache[key]
-            else:
-                with torch.no_grad():
-                    out = model.generate(pixel_values=pv_ref[i:i + 1], input_ids=ids,
-                                         attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                         do_sample=False, num_beams=num_beams, **special_ids)
-                ref = family.eager_new_tokens(out[0].tolist(), ids.shape[1])
-                ref = _trim(ref, list(facts.eos_token_ids), facts.pad_token_id)
-                if eager_cache is not None:
-                    eager_cache[key] = ref
-            agree = sum(a == b for a, b in zip(ref, g.token_ids))
-            first = next((k for k, (a, b) in enumerate(zip(ref, g.token_ids)) if a != b), None)
-            if first is None and len(ref) != len(g.token_ids):
-                first = min(len(ref), len(g.token_ids))
+        for k, ((i, p), g) in enumerate(zip(chunk, got)):
+            job = ref["jobs"][start + k]
+            tokens = job["tokens"]
+            agree = sum(a == b for a, b in zip(tokens, g.token_ids))
+            first = next((n for n, (a, b) in enumerate(zip(tokens, g.token_ids)) if a != b), None)
+            if first is None and len(tokens) != len(g.token_ids):
+                first = min(len(tokens), len(g.token_ids))
             ld, top1 = None, None
-            if logits_diff and ref:  # both follow the eager tokens: the largest logits gap, and top-1 agreement
-                logits_ref = family.eager_forced_logits(model, prefix_ref[i:i + 1], text_ids, ref, facts)
-                ld, top1 = _stepwise_max_diff(rt.step_model(prefix[i:i + 1], [list(text_ids)]), ref, logits_ref)
+            if job["logits"] is not None:  # both follow the eager tokens: largest logits gap, top-1 agreement
+                sm = rt.step_model(prefix[i:i + 1], [list(job["text_ids"])])
+                ld, top1 = _stepwise_max_diff(sm, tokens, job["logits"])
             report.generations.append(GenResult(
-                names[i], p, ref, g.token_ids, agree, max(len(ref), len(g.token_ids)), first, ld,
-                tokenizer.decode(ref, skip_special_tokens=True).strip(), g.text, top1))
+                names[i], p, tokens, g.token_ids, agree, max(len(tokens), len(g.token_ids)), first, ld,
+                job["text"], g.text, top1))
     return report
 
 

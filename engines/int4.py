@@ -370,21 +370,29 @@ def _output_error(w_nk: np.ndarray, wq_nk: np.ndarray, h: np.ndarray) -> float:
 def _int4_values(t) -> np.ndarray:
     from onnx import TensorProto
 
+    from engines.tensor_store import is_external, read_external_bytes
+
     count = int(np.prod(t.dims))
     if t.data_type != TensorProto.INT4:
         raise ValueError(t.name)
+    if is_external(t):  # a lazily loaded graph (engines.tensor_store): read this tensor's bytes only
+        return unpack_int4(read_external_bytes(t), count).reshape(tuple(t.dims))
     if t.raw_data:
         return unpack_int4(t.raw_data, count).reshape(tuple(t.dims))
     return np.array(t.int32_data, np.int32).astype(np.int8)[:count].reshape(tuple(t.dims))  # helper-packed
 
 
-def lower_int4_weights(model) -> int:
+def lower_int4_weights(model, writer=None) -> int:
     """Replace ``DequantizeLinear(int4 blocks) -> MatMul/Gemm`` by ``com.microsoft.MatMulNBits`` (``bits=4``).
 
     B is ``[N, blocks, block/2]`` bytes (codes + 8, low nibble first), scales ``[N * blocks]`` (float32);
     no zero points (the op's default for 4 bits is 8, i.e. the symmetric codes). ``accuracy_level``
-    :data:`NBITS_ACCURACY_LEVEL`. Returns the number of layers lowered."""
-    from onnx import TensorProto, helper, numpy_helper
+    :data:`NBITS_ACCURACY_LEVEL`. Returns the number of layers lowered. ``writer``
+    (:class:`engines.tensor_store.DataWriter`): where each new weight goes as soon as it is made.
+    """
+    from onnx import TensorProto, helper
+
+    from engines.tensor_store import make_tensor, tensor_array
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -418,7 +426,7 @@ def lower_int4_weights(model) -> int:
             continue
         block, axis = int(attrs["block_size"]), int(attrs.get("axis", 1))
         q = _int4_values(q_init)
-        s = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+        s = tensor_array(inits[dq.input[1]]).astype(np.float32)
         if (axis % 2) != (1 if trans_b else 0):
             continue  # blocks must run along K
         q_nk, s_nb = (q, s) if trans_b else (q.T, s.T)
@@ -429,8 +437,8 @@ def lower_int4_weights(model) -> int:
         u = (q_nk.astype(np.int16) + 8).astype(np.uint8).reshape(n_out, blocks, block // 2, 2)
         packed = (u[..., 0] | (u[..., 1] << 4)).astype(np.uint8)
         name = dq.input[0] + "__nbits"
-        new_inits += [numpy_helper.from_array(packed, name),
-                      numpy_helper.from_array(np.ascontiguousarray(s_nb).reshape(-1), name + "_scales")]
+        new_inits += [make_tensor(packed, name, writer),
+                      make_tensor(np.ascontiguousarray(s_nb).reshape(-1), name + "_scales", writer)]
         out = mm.output[0] if bias is None else mm.output[0] + "__nobias"
         adds.append(helper.make_node("MatMulNBits", [mm.input[0], name, name + "_scales"], [out],
                                      name=mm.name + "__nbits", domain="com.microsoft", K=k, N=n_out, bits=4,

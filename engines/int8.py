@@ -213,10 +213,16 @@ def quantize_weights(src: str | Path, graph: str, io: GraphIO, exclude: tuple[st
     small LLM (a third of OPT-125M's bytes), so at decode, where every step reads all weights, leaving it
     fp32 would cost more than all other layers together; its output, like every activation here, stays
     float32.
+
+    The graph is read without its weights (:func:`engines.tensor_store.load_lazy`): each fp32 weight is
+    read, quantized and dropped in turn, so at most the int8 weights (a quarter of the fp32 bytes) are
+    held; the weights left fp32 stay on disk until the result is saved (``save_model_atomic``).
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    model = load_model(src)
+    from engines.tensor_store import load_lazy, tensor_array
+
+    model = load_lazy(src)
     ensure_node_names(model)
     if not (QUANTIZE_LOGITS if logits is None else logits):
         exclude = (*exclude, *float_outputs_nodes(model, io))
@@ -230,10 +236,11 @@ def quantize_weights(src: str | Path, graph: str, io: GraphIO, exclude: tuple[st
         w = node.input[1]
         if w in done or w not in inits or inits[w].data_type != TensorProto.FLOAT or len(inits[w].dims) != 2:
             continue
-        arr = numpy_helper.to_array(inits[w]).astype(np.float32)
+        arr = tensor_array(inits[w]).astype(np.float32, copy=False)
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
         axis = 0 if trans_b else 1  # the output-channel axis of the weight
         q, scale = quantize_per_channel(arr, axis)
+        del arr
         qi = numpy_helper.from_array(q, w + "__int8")
         si = numpy_helper.from_array(scale, w + "__scale")
         zi = numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), w + "__zero")

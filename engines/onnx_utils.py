@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-# Graphs whose weights exceed this go to one external data file (protobuf cannot hold more than 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Graphs whose weights exceed this go to one external data file (protobuf cannot hold more than 2 GiB;
+# written and read one tensor at a time, see engines/tensor_store.py, where inline weights are held whole).
+EXTERNAL_DATA_THRESHOLD = 64 << 20
 
 
 def load_model(path: str | Path):
@@ -17,34 +15,16 @@ def load_model(path: str | Path):
     return onnx.load(str(path), load_external_data=True)
 
 
-def weight_bytes(model) -> int:
-    return sum(t.ByteSize() for t in model.graph.initializer)
-
-
 def save_model_atomic(model, path: Path, *, external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[str]:
     """Write ``model`` to ``path`` (and ``path.data`` when large) so that neither appears half-written.
 
-    Files are written in a private temporary folder next to ``path`` and renamed into place, the
-    external data first, the graph last. Returns the external data file names (relative to the folder).
+    The data file is written under a temporary name and renamed into place first, the graph last
+    (:func:`engines.tensor_store.save_streaming`): a model read lazily keeps its weights on disk until
+    they are copied, one tensor at a time. Returns the external data file names (relative to the folder).
     """
-    import onnx
+    from engines.tensor_store import save_streaming
 
-    path = Path(path)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        data: list[str] = []
-        if weight_bytes(model) > external_threshold:
-            data = [path.name + ".data"]
-            onnx.save_model(model, str(work / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data[0], size_threshold=1024)
-        else:
-            onnx.save_model(model, str(work / path.name))
-        for name in data:
-            os.replace(work / name, path.parent / name)
-        os.replace(work / path.name, path)
-        return data
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return save_streaming(model, Path(path), external_threshold=external_threshold)
 
 
 def ensure_node_names(model) -> None:

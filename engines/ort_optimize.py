@@ -77,10 +77,13 @@ class _Graph:
         self.inits = {t.name: t for t in g.initializer}
 
     def const(self, name: str) -> np.ndarray | None:
+        """The value of constant ``name`` (read from disk for an external initializer), else None."""
         from onnx import numpy_helper
 
+        from engines.tensor_store import tensor_array
+
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return tensor_array(self.inits[name])
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             for a in node.attribute:
@@ -88,9 +91,21 @@ class _Graph:
                     return numpy_helper.to_array(a.t)
         return None
 
+    def has_const(self, name: str) -> bool:
+        """Whether ``name`` is a constant (without reading its values)."""
+        node = self.producer.get(name)
+        return name in self.inits or (node is not None and node.op_type == "Constant")
+
+    def const_size(self, name: str) -> int | None:
+        """Element count of constant ``name`` from its dims (None when not a constant initializer)."""
+        t = self.inits.get(name)
+        return None if t is None else int(np.prod(t.dims)) if len(t.dims) else 1
+
     def scalar(self, node) -> float | None:
         """The scalar constant operand of a binary Mul/Div node, else None."""
         for x in node.input:
+            if self.const_size(x) not in (None, 1):
+                continue  # a weight: not worth reading
             c = self.const(x)
             if c is not None and c.size == 1:
                 return float(c.reshape(()))
@@ -110,7 +125,7 @@ class _Graph:
                 tensor = node.input[0]
             elif allow_scale and node.op_type in ("Mul", "Div") and (s := self.scalar(node)) is not None:
                 scale *= s if node.op_type == "Mul" else 1.0 / s
-                tensor = next(x for x in node.input if self.const(x) is None)
+                tensor = next(x for x in node.input if not self.has_const(x))
             else:
                 return tensor, scale
 
@@ -280,8 +295,8 @@ def last_position_logits(model) -> bool:
     if node is None or node.op_type != "MatMul":
         return False
     weight = g.producer.get(node.input[1])  # a constant, or the int8 recipe's DequantizeLinear of one
-    if g.const(node.input[1]) is None and not (weight is not None and weight.op_type == "DequantizeLinear"
-                                               and g.const(weight.input[0]) is not None):
+    if not g.has_const(node.input[1]) and not (weight is not None and weight.op_type == "DequantizeLinear"
+                                               and g.has_const(weight.input[0])):
         return False
     p = "/ort_last"
     states = node.input[0]
@@ -311,15 +326,16 @@ def last_position_logits(model) -> bool:
 INT8_MODES = ("fold", "nbits")
 
 
-def fold_int8_weights(model) -> int:
+def fold_int8_weights(model, writer=None) -> int:
     """Replace each ``DequantizeLinear`` of a constant int8 weight by its fp32 result, computed once.
 
     The weight-only int8 recipe dequantizes its weights in the graph, and ONNX Runtime's CPU provider
     keeps ``DequantizeLinear`` out of constant folding, so it would rebuild every fp32 weight at every
     step. Folding gives exactly the values the graph computes (int8 * scale, in fp32) without the
     per-step work; the step then reads fp32 weights. Returns the number of weights folded.
+    ``writer`` (:class:`engines.tensor_store.DataWriter`): where each new weight goes as soon as it is made.
     """
-    from onnx import numpy_helper
+    from engines.tensor_store import make_tensor
 
     graph = model.graph
     g = _Graph(model)
@@ -338,7 +354,8 @@ def fold_int8_weights(model) -> int:
             shape[axis] = -1
         zp = 0 if zero is None else zero.astype(np.int32).reshape(shape)
         w = ((q.astype(np.int32) - zp).astype(np.float32) * scale.astype(np.float32).reshape(shape))
-        new_inits.append(numpy_helper.from_array(w.astype(np.float32), dq.output[0]))
+        new_inits.append(make_tensor(w.astype(np.float32), dq.output[0], writer))
+        del q, w
         drop_nodes.add(dq.name)
         drop_inits.update(x for x in dq.input if x in g.inits)
         folded += 1
@@ -357,7 +374,7 @@ NBITS_BLOCK = 128  # MatMulNBits block: the activations are quantized per block 
 NBITS_ACCURACY_LEVEL = 4  # MLAS's int8-compute kernel (levels 0-1 dequantize to fp32: ~4x slower here)
 
 
-def lower_int8_weights(model, *, block_size: int = NBITS_BLOCK) -> int:
+def lower_int8_weights(model, *, block_size: int = NBITS_BLOCK, writer=None) -> int:
     """Replace ``DequantizeLinear(int8 weight) -> MatMul/Gemm`` by ``com.microsoft.MatMulNBits`` (8 bits).
 
     ``int8="nbits"``: MatMulNBits reads the int8 bytes directly (a quarter of fp32's memory traffic per
@@ -365,9 +382,11 @@ def lower_int8_weights(model, *, block_size: int = NBITS_BLOCK) -> int:
     per block of ``block_size`` inputs at run time (one scale per block of each row): W8A8 with fine
     activation blocks rather than the recipe's weight-only arithmetic. Symmetric per-channel weights map
     exactly (uint8 with zero point 128, the channel's scale repeated over its blocks). Returns the
-    number of layers lowered; anything else is left alone.
+    number of layers lowered; anything else is left alone. ``writer``: as for :func:`fold_int8_weights`.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
+
+    from engines.tensor_store import make_tensor
 
     graph = model.graph
     g = _Graph(model)
@@ -403,9 +422,10 @@ def lower_int8_weights(model, *, block_size: int = NBITS_BLOCK) -> int:
         blocks = k // block
         name = dq.input[0] + "__nbits"
         packed = (w_nk.astype(np.int16) + 128).astype(np.uint8).reshape(n_out, blocks, block)
-        new_inits += [numpy_helper.from_array(packed, name),
-                      numpy_helper.from_array(np.repeat(scale.astype(np.float32).reshape(-1), blocks), name + "_scales"),
-                      numpy_helper.from_array(np.full(n_out * blocks, 128, np.uint8), name + "_zero_points")]
+        new_inits += [make_tensor(packed, name, writer),
+                      make_tensor(np.repeat(scale.astype(np.float32).reshape(-1), blocks), name + "_scales", writer),
+                      make_tensor(np.full(n_out * blocks, 128, np.uint8), name + "_zero_points", writer)]
+        del packed, w_nk, q
         out = mm.output[0] if bias is None else mm.output[0] + "__nobias"
         adds.append(helper.make_node("MatMulNBits", [mm.input[0], name, name + "_scales", name + "_zero_points"],
                                      [out], name=mm.name + "__nbits", domain="com.microsoft", K=k, N=n_out, bits=8,
@@ -428,16 +448,19 @@ def lower_int8_weights(model, *, block_size: int = NBITS_BLOCK) -> int:
     return lowered
 
 
-def pack_qkv(model) -> int:
+def pack_qkv(model, writer=None) -> int:
     """Compute each layer's query, key and value projections as one matmul feeding a packed
     ``GroupQueryAttention`` (its ``query`` input holds q|k|v; ``key``/``value`` left empty).
 
     At batch 1 a decode step's 768x768 projections are small enough that dispatching each one costs
     about as much as reading its weight; one 768x2304 product per layer reads the same bytes in one go.
     Works on constant fp32 weights (``MatMul``) and on ``MatMulNBits``; the values are the same (the
-    output columns are just concatenated). Returns the number of layers packed.
+    output columns are just concatenated). Returns the number of layers packed. ``writer``: as for
+    :func:`fold_int8_weights`.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
+
+    from engines.tensor_store import make_tensor
 
     graph = model.graph
     g = _Graph(model)
@@ -453,7 +476,7 @@ def pack_qkv(model) -> int:
             add = g.producer.get(t)
             if add is None or add.op_type != "Add" or len(g.consumers.get(t, [])) != 1:
                 break
-            bias_i = next((i for i, x in enumerate(add.input) if _const(g, x) is not None), None)
+            bias_i = next((i for i, x in enumerate(add.input) if _const_source(g, x) is not None), None)
             if bias_i is None:
                 break
             bias = _const(g, add.input[bias_i])
@@ -478,12 +501,15 @@ def pack_qkv(model) -> int:
             continue
         name = f"{gqa.name}/qkv"
         axis = 1 if mms[0].op_type == "MatMul" else 0  # MatMul: [K, N]; MatMulNBits: [N, blocks, block]
-        tensors = [numpy_helper.from_array(np.concatenate([p[3][0] for p in parts], axis=axis), f"{name}/weight")]
+        tensors = [make_tensor(np.concatenate([p[3][0] for p in parts], axis=axis), f"{name}/weight", writer)]
         inputs = [x, tensors[0].name]
         for j, suffix in enumerate(("scales", "zero_points")[:len(mms[0].input) - 2]):
-            tensors.append(numpy_helper.from_array(np.concatenate([p[3][j + 1] for p in parts]), f"{name}/{suffix}"))
+            tensors.append(make_tensor(np.concatenate([p[3][j + 1] for p in parts]), f"{name}/{suffix}", writer))
             inputs.append(tensors[-1].name)
-        tensors.append(numpy_helper.from_array(np.concatenate([p[2] for p in parts]), f"{name}/bias"))
+        tensors.append(make_tensor(np.concatenate([p[2] for p in parts]), f"{name}/bias", writer))
+        for p in parts:
+            p[3].clear()  # this layer's weights are written: let them go before the next layer's are read
+        weights = []
         node_attrs = dict(attrs[0])
         if "N" in node_attrs:
             node_attrs["N"] = sum(a["N"] for a in attrs)
@@ -515,6 +541,26 @@ def _const(g: _Graph, tensor: str) -> np.ndarray | None:
         tensor = node.input[0]
         node = g.producer.get(tensor)
     return g.const(tensor)
+
+
+def _const_source(g: _Graph, tensor: str) -> str | None:
+    """The constant ``tensor`` is (through ``Identity`` nodes), else None; nothing is read."""
+    node = g.producer.get(tensor)
+    while node is not None and node.op_type == "Identity":
+        tensor = node.input[0]
+        node = g.producer.get(tensor)
+    return tensor if g.has_const(tensor) else None
+
+
+def _const_ndim(g: _Graph, tensor: str) -> int | None:
+    """Rank of constant ``tensor`` from its declared dims (weights are not read), else None."""
+    src = _const_source(g, tensor)
+    if src is None:
+        return None
+    if src in g.inits:
+        return len(g.inits[src].dims)
+    c = g.const(src)  # a Constant node: small
+    return None if c is None else c.ndim
 
 
 def _shape_expr(g: _Graph, tensor: str) -> list | None:
@@ -585,7 +631,7 @@ def drop_row_reshapes(model) -> int:
                     ends.append(n)
                     accepted.add(n.name)
                     continue
-                data = [i for i in n.input if i and _const(g, i) is None]
+                data = [i for i in n.input if i and _const_source(g, i) is None]
                 if n.op_type not in ROW_OPS or not all(i in region for i in data[:1]):
                     ok = False
                     break
@@ -594,10 +640,9 @@ def drop_row_reshapes(model) -> int:
                 if n.op_type == "LayerNormalization":
                     ok = next((a.i for a in n.attribute if a.name == "axis"), -1) == -1
                 elif n.op_type == "MatMul":
-                    w = _const(g, n.input[1])
-                    ok = w is not None and w.ndim == 2
+                    ok = _const_ndim(g, n.input[1]) == 2
                 elif n.op_type != "MatMulNBits":
-                    ok = all(i in region or _const(g, i).ndim <= 1 for i in n.input if i)  # type: ignore[union-attr]
+                    ok = all(i in region or (_const_ndim(g, i) or 0) <= 1 for i in n.input if i)
                 if not ok or any(o in outputs for o in n.output):
                     ok = False
                     break
@@ -744,28 +789,61 @@ def build_decoder_engine(src: str | Path, dst: str | Path, *, layers: int, heads
     With ``kv_scales`` (:func:`kv_cache_scales`) the engine keeps its KV cache in int8
     (:func:`quantize_kv_cache`; ``notes["kv_dtype"]`` says so), else in the graph's float type.
 
-    Returns (external data files written beside ``dst``, notes for the manifest). Written through a
-    temporary name, so ``dst`` is never half-written.
+    Weights stream (:mod:`engines.tensor_store`): the graph is read without them, new weights go to the
+    engine's data file as they are made, and weights the engine keeps unchanged stay in ``src``'s data
+    file when it lies beside ``dst`` (stored once). Returns (external data files the engine refers to,
+    notes for the manifest). Written through a temporary name, so ``dst`` is never half-written.
     """
-    from engines.onnx_utils import load_model, save_model_atomic
-
     _check_int8_mode(int8)
-    model = load_model(src)
-    result = fuse_decoder_attention(model, layers=layers, heads=heads, head_dim=head_dim, kv_heads=kv_heads)
-    last = last_position_logits(model)
-    int8_notes = _engine_int8_weights(model, int8)
-    reshapes = drop_row_reshapes(model)
-    packed = pack_qkv(model)
-    kv_notes: dict[str, Any] = {}
-    if kv_scales is not None:
-        kv_notes = {"kv_dtype": "int8", "kv_quant": {"scales": "per channel, static (calibration)",
-                                                     "margin": KV_INT8_MARGIN,
-                                                     "layers": quantize_kv_cache(model, kv_scales)}}
-    ext = save_model_atomic(model, Path(dst))
-    notes = dict(result.notes, nodes_before=result.nodes_before, nodes_after=len(model.graph.node),
+    with _StreamedEngine(src, dst) as e:
+        result = fuse_decoder_attention(e.model, layers=layers, heads=heads, head_dim=head_dim, kv_heads=kv_heads)
+        last = last_position_logits(e.model)
+        int8_notes = _engine_int8_weights(e.model, int8, e.writer)
+        reshapes = drop_row_reshapes(e.model)
+        packed = pack_qkv(e.model, e.writer)
+        kv_notes: dict[str, Any] = {}
+        if kv_scales is not None:
+            kv_notes = {"kv_dtype": "int8", "kv_quant": {"scales": "per channel, static (calibration)",
+                                                         "margin": KV_INT8_MARGIN,
+                                                         "layers": quantize_kv_cache(e.model, kv_scales)}}
+        nodes_after = len(e.model.graph.node)
+        ext = e.save()
+    notes = dict(result.notes, nodes_before=result.nodes_before, nodes_after=nodes_after,
                  logits="last" if last else "all", row_reshapes_dropped=reshapes,
                  qkv_packed=packed, **int8_notes, **kv_notes)
     return ext, notes
+
+
+class _StreamedEngine:
+    """A graph read without its weights (``src``) on its way to an engine file (``dst``)."""
+
+    def __init__(self, src: str | Path, dst: str | Path):
+        from engines.onnx_utils import EXTERNAL_DATA_THRESHOLD
+        from engines.tensor_store import external_info, is_external, load_lazy, new_writer, weight_bytes
+
+        self.dst = Path(dst)
+        self.model = load_lazy(src)
+        here = self.dst.parent.resolve()
+        self.share = tuple(sorted({external_info(t)["location"] for t in self.model.graph.initializer
+                                   if is_external(t) and Path(external_info(t)["location"]).parent == here}))
+        self.threshold = EXTERNAL_DATA_THRESHOLD
+        # external when large, or when the source graph's weights are external (then shared, not copied)
+        self.writer = new_writer(self.dst) if self.share or weight_bytes(self.model) > self.threshold else None
+
+    def save(self) -> list[str]:
+        from engines.tensor_store import save_streaming
+
+        return save_streaming(self.model, self.dst, external_threshold=self.threshold, share=self.share,
+                              writer=self.writer)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            if self.writer.path.exists():
+                self.writer.path.unlink()
 
 
 def _check_int8_mode(int8: str) -> None:
@@ -773,16 +851,16 @@ def _check_int8_mode(int8: str) -> None:
         raise Blip2Error(f"unknown int8 engine mode {int8!r}; choose one of: {', '.join(INT8_MODES)}")
 
 
-def _engine_int8_weights(model, int8: str) -> dict:
+def _engine_int8_weights(model, int8: str, writer=None) -> dict:
     """Lower (``"nbits"``) and/or fold the weight-only int8 layers of ``model``, and lower its int4 blocks
     (:func:`engines.int4.lower_int4_weights`); return the manifest notes saying what was done (empty when
-    the graph has no int8 or int4 weights)."""
+    the graph has no int8 or int4 weights). ``writer``: where new weights go as they are made."""
     from engines.int4 import NBITS_ACCURACY_LEVEL as INT4_ACCURACY_LEVEL
     from engines.int4 import lower_int4_weights
 
-    lowered4 = lower_int4_weights(model)  # int4 blocks (int4 builds) always run as MatMulNBits bits=4
-    lowered = lower_int8_weights(model) if int8 == "nbits" else 0
-    folded = fold_int8_weights(model)
+    lowered4 = lower_int4_weights(model, writer=writer)  # int4 blocks (int4 builds) always run as MatMulNBits bits=4
+    lowered = lower_int8_weights(model, writer=writer) if int8 == "nbits" else 0
+    folded = fold_int8_weights(model, writer)
     notes: dict[str, Any] = {}
     if lowered4:
         notes["int4_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 4, "layers": lowered4,
@@ -802,13 +880,11 @@ def build_qdq_engine(src: str | Path, dst: str | Path) -> tuple[list[str], dict]
     """ORT build of a calibrated (static Q/DQ) int8 graph: its activation pairs in uint8 (see
     :func:`uint8_activations`), everything else as in the portable graph. Raises :class:`PatternError`
     when the graph has no int8 activation pair to rewrite. Returns (external data files, notes)."""
-    from engines.onnx_utils import load_model, save_model_atomic
-
-    model = load_model(src)
-    pairs = uint8_activations(model)
-    if not pairs:
-        raise PatternError(f"{Path(src).name} has no symmetric int8 activation QuantizeLinear to rewrite")
-    ext = save_model_atomic(model, Path(dst))
+    with _StreamedEngine(src, dst) as e:
+        pairs = uint8_activations(e.model)
+        if not pairs:
+            raise PatternError(f"{Path(src).name} has no symmetric int8 activation QuantizeLinear to rewrite")
+        ext = e.save()
     return ext, {"activations": "uint8, zero point 128 (the graph's symmetric int8 values, shifted)",
                  "activation_pairs": pairs}
 
@@ -817,14 +893,12 @@ def build_weights_engine(src: str | Path, dst: str | Path, *, int8: str = "nbits
     """ORT build of a weight-only int8 graph that keeps its IO (the T5 encoder, cross-attention K/V and
     decoder): its int8 layers as ``MatMulNBits`` (``int8="nbits"``) or dequantized once (``"fold"``), so
     no step rebuilds fp32 weights. Raises :class:`PatternError` when there is nothing to rewrite."""
-    from engines.onnx_utils import load_model, save_model_atomic
-
     _check_int8_mode(int8)
-    model = load_model(src)
-    notes = _engine_int8_weights(model, int8)
-    if not notes:
-        raise PatternError(f"{Path(src).name} has no int8 weights to lower or fold")
-    ext = save_model_atomic(model, Path(dst))
+    with _StreamedEngine(src, dst) as e:
+        notes = _engine_int8_weights(e.model, int8, e.writer)
+        if not notes:
+            raise PatternError(f"{Path(src).name} has no int8 weights to lower or fold")
+        ext = e.save()
     return ext, notes
 
 
@@ -888,7 +962,8 @@ def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None,
         return record
     fields = engine_record_fields()
     engines = []
-    for name in (dst, *ext):
+    own = {e.file for e in record.external_data}  # shared with the portable graph: listed there already
+    for name in (dst, *(x for x in ext if x not in own)):
         fr = file_record(bundle_dir, name)
         engines.append(EngineRecord(file=name, sha256=fr.sha256, **fields))
     notes = dict(notes, file=dst, external_data=list(ext))

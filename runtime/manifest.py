@@ -455,10 +455,11 @@ def _check_ort_engine(prec: str, rec: GraphRecord) -> None:
     if info is None:
         return
     engine_files = {e.file for e in rec.engines}
+    data_files = engine_files | {e.file for e in rec.external_data}  # an engine may share the graph's data
     ext = info.get("external_data", []) if isinstance(info, dict) else None
     if not isinstance(info, dict) or info.get("file") not in engine_files \
             or info.get("kv_cache", "concat") not in KV_CACHE_MODES \
-            or not isinstance(ext, list) or any(e not in engine_files or e == info.get("file") for e in ext):
+            or not isinstance(ext, list) or any(e not in data_files or e == info.get("file") for e in ext):
         raise BundleError(f"{prec} graph {rec.name!r}: notes.ort_engine must name one of its engine files "
                           f"({', '.join(sorted(engine_files)) or 'none'}) and a kv_cache of "
                           f"{', '.join(KV_CACHE_MODES)}")

@@ -14,7 +14,7 @@ from blip2_export.families.decoder_only import DecoderOnlyFamily
 from blip2_export.families.encoder_decoder import EncoderDecoderFamily
 from blip2_export.families.generative import generation_ids, model_facts
 from blip2_export.families.retrieval import RetrievalFamily, retrieval_facts
-from blip2_export.modelzoo import load_checkpoint
+from blip2_export.modelzoo import load_checkpoint, load_checkpoint_lazy
 from runtime.contract import Family
 from runtime.errors import Blip2Error
 
@@ -40,18 +40,26 @@ def family_of(model) -> FamilyAdapter:
                      f"{', '.join(f.value for f in FAMILIES)}", hint="see docs/architecture.md: add a family")
 
 
-def load_for_export(checkpoint: str | Path | None, model_and_tokenizer=None):
-    """``(adapter, (model, tokenizer, image_processor))`` for a checkpoint folder, or for a loaded model."""
+def load_for_export(checkpoint: str | Path | None, model_and_tokenizer=None, *, lazy: bool = True):
+    """``(adapter, (model, tokenizer, image_processor), weights)`` for a checkpoint folder or a loaded model.
+
+    ``lazy`` (export): where the family can, the model's parameters are stand-ins that take no memory and
+    ``weights`` (:mod:`blip2_export.weights`) reads each tensor from the checkpoint when a graph is written;
+    else (parity's eager reference) the model is loaded whole and ``weights`` is None (its own tensors)."""
     if model_and_tokenizer is not None:
-        return family_of(model_and_tokenizer[0]), tuple(model_and_tokenizer)
+        return family_of(model_and_tokenizer[0]), tuple(model_and_tokenizer), None
     if checkpoint is None:
         raise Blip2Error("no checkpoint given")
     path = Path(checkpoint)
     for adapter in FAMILIES.values():
         if adapter.claims_checkpoint(path):
-            return adapter, adapter.load(path)
-    loaded = load_checkpoint(path)
-    return family_of(loaded[0]), loaded
+            model, tokenizer, processor, weights = adapter.load(path, lazy=lazy)
+            return adapter, (model, tokenizer, processor), weights
+    if lazy:
+        model, tokenizer, processor, weights = load_checkpoint_lazy(path)
+    else:
+        (model, tokenizer, processor), weights = load_checkpoint(path), None
+    return family_of(model), (model, tokenizer, processor), weights
 
 
 register_family(DecoderOnlyFamily())

@@ -41,8 +41,9 @@ class FamilyAdapter:
         generic load. Default: no (the generic BLIP-2 load, then :meth:`matches` on the model)."""
         return False
 
-    def load(self, path: Path):
-        """``(model, tokenizer, image_processor)`` of a checkpoint this family claimed."""
+    def load(self, path: Path, lazy: bool = True):
+        """``(model, tokenizer, image_processor, weights)`` of a checkpoint this family claimed (``weights``:
+        see :func:`blip2_export.families.load_for_export`; None when the model holds its own)."""
         raise NotImplementedError
 
     def matches(self, model) -> bool:
@@ -73,8 +74,9 @@ class FamilyAdapter:
         """Engines made once at export (``config.ort_engine``), added to the graph records. Default: none."""
         return graphs
 
-    def write_text(self, tmp: Path, model, tokenizer) -> dict:
-        """The text side's files (embedding tables, tokenizer), returned as manifest file records."""
+    def write_text(self, tmp: Path, model, tokenizer, weights=None) -> dict:
+        """The text side's files (embedding tables, tokenizer), returned as manifest file records;
+        ``weights`` as for :func:`blip2_export.bundle_writer.export_graph`."""
         raise NotImplementedError
 
     def generation(self, config) -> GenerationDefaults:

@@ -13,6 +13,7 @@ from blip2_export.families.base import GraphPlan
 from blip2_export.families.generative import GenerativeFamily
 from blip2_export.graphs import QFormerGraph, VisionGraph
 from blip2_export.graphs_seq2seq import CrossKVGraph, EncoderGraph, Seq2SeqDecoderGraph, decoder_embeddings
+from blip2_export.weights import ModuleWeights
 from runtime import contract
 from runtime.contract import Family, GraphName
 from runtime.errors import Blip2Error
@@ -53,12 +54,12 @@ class EncoderDecoderFamily(GenerativeFamily):
                       contract.seq2seq_decoder_io(m.llm_hidden, m.llm_layers, m.llm_heads, m.head_dim, m.vocab_size)),
         ]
 
-    def write_text(self, tmp, model, tokenizer) -> dict:
-        files = super().write_text(tmp, model, tokenizer)
+    def write_text(self, tmp, model, tokenizer, weights=None) -> dict:
+        files = super().write_text(tmp, model, tokenizer, weights)
         dec = decoder_embeddings(model.language_model)
         if dec.data_ptr() != model.get_input_embeddings().weight.data_ptr():
             # An untied decoder table (no T5 we know has one) travels beside the shared one.
-            np.save(tmp / "decoder_embed_tokens.npy", dec.detach().float().cpu().numpy(), allow_pickle=False)
+            np.save(tmp / "decoder_embed_tokens.npy", (weights or ModuleWeights()).array(dec), allow_pickle=False)
             files["decoder_embed_tokens"] = file_record(tmp, "decoder_embed_tokens.npy")
         return files
 

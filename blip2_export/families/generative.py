@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from blip2_export.bundle_writer import write_text_side
 from blip2_export.families.base import FamilyAdapter
-from blip2_export.modelzoo import load_checkpoint
 from runtime.contract import Family
 from runtime.errors import Blip2Error
 from runtime.manifest import ModelFacts
@@ -100,11 +99,9 @@ class GenerativeFamily(FamilyAdapter):
     """``Blip2ForConditionalGeneration`` checkpoints: loaded the standard way, text side = embedding table +
     tokenizer."""
 
-    def load(self, path):
-        return load_checkpoint(path)
 
     def facts(self, model, tokenizer) -> ModelFacts:
         return model_facts(model, tokenizer)
 
-    def write_text(self, tmp, model, tokenizer) -> dict:
-        return write_text_side(tmp, model, tokenizer)
+    def write_text(self, tmp, model, tokenizer, weights=None) -> dict:
+        return write_text_side(tmp, model, tokenizer, weights)

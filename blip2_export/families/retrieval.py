@@ -54,8 +54,8 @@ class RetrievalFamily(FamilyAdapter):
     def claims_checkpoint(self, path) -> bool:
         return is_retrieval_checkpoint(path)
 
-    def load(self, path):
-        return load_retrieval_checkpoint(path)
+    def load(self, path, lazy: bool = True):
+        return (*load_retrieval_checkpoint(path), None)  # loaded whole: the stage-1 model is small
 
     def matches(self, model) -> bool:
         return type(model).__name__ == RETRIEVAL_ARCHITECTURE
@@ -82,7 +82,7 @@ class RetrievalFamily(FamilyAdapter):
             GraphPlan(GraphName.ITM, ItmGraph(model), contract.itm_io(m.patches, m.vision_hidden)),
         ]
 
-    def write_text(self, tmp, model, tokenizer) -> dict:
+    def write_text(self, tmp, model, tokenizer, weights=None) -> dict:
         tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         special = {"cls_token": tokenizer.cls_token or tokenizer.bos_token,
                    "sep_token": tokenizer.sep_token or tokenizer.eos_token,

@@ -235,10 +235,11 @@ class OrtBackend:
         files = files or BundleFiles(bundle)
         found = self.engine_for(record)
         if found:
-            engine_recs = {e.file: e for e in record.engines}
+            # The engine's data files: its own, and the portable graph's where it shares equal weights.
+            recs = {e.file: (e.sha256, e.bytes) for e in record.external_data}
+            recs.update((e.file, (e.sha256, None)) for e in record.engines)
             file, digest = found[0].file, found[0].sha256
-            listed = [(n, engine_recs[n].sha256, None) for n in found[1].get("external_data", [])
-                      if n in engine_recs]
+            listed = [(n, *recs[n]) for n in found[1].get("external_data", []) if n in recs]
         else:
             file, digest = record.file, record.sha256
             listed = [(e.file, e.sha256, e.bytes) for e in record.external_data]

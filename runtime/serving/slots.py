@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.contract import past_name
 from runtime.backends import KV_SHARED, GraphRunner
+from runtime.contract import past_name
 from runtime.errors import LimitError
 from runtime.manifest import Manifest
 
