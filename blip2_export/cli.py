@@ -109,11 +109,35 @@ def _summary(bundle: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+class _Registered(click.Choice):
+    """click.Choice over a registry's names, read when the option is parsed (so a backend registered after
+    this module was imported is accepted too)."""
+
+    def __init__(self, names):
+        self._names = names
+        super().__init__([])  # the names are read when needed (help, parsing), not at import
+
+    @property
+    def choices(self):
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click sets it in __init__; the registry stays the source
+        pass
+
+
+def _engine_backends() -> tuple[str, ...]:
+    """--backend of ``build``: auto and the registered engine builders (engines.engine_builders)."""
+    from engines.build import BACKENDS
+
+    return BACKENDS
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--precision", required=True, type=click.Choice(list(PRECISION_NAMES)),
               help=precision_help())
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort", "trt"]),
+@click.option("--backend", default="auto", show_default=True, type=_Registered(lambda: _engine_backends()),
               help="ort: write <graph>.<precision>.onnx for ONNX Runtime; trt: also build TensorRT engines "
                    "(<graph>.<precision>.plan) for this GPU; auto: trt where TensorRT and a GPU exist, else ort.")
 @click.option("--calib-images", type=click.Path(path_type=Path), default=None,
@@ -193,23 +217,6 @@ def _backend_options(backend: str, threads: int | None, int8_kernel: str = "auto
     takes = backend_spec(backend).options
     given = {"threads": threads or None, "int8_kernel": int8_kernel}
     return {k: v for k, v in given.items() if k in takes and v is not None}
-
-
-class _Registered(click.Choice):
-    """click.Choice over a registry's names, read when the option is parsed (so a backend registered after
-    this module was imported is accepted too)."""
-
-    def __init__(self, names):
-        self._names = names
-        super().__init__(list(names()))
-
-    @property
-    def choices(self):
-        return tuple(self._names())
-
-    @choices.setter
-    def choices(self, value) -> None:  # click sets it in __init__; the registry stays the source
-        pass
 
 
 def _backend_option(f):

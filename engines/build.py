@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engines.engine_builders import ENGINE_BUILDERS, EngineJob, auto_builder
 from runtime.contract import Family, GraphName
 from runtime.errors import Blip2Error, BundleError
 from runtime.integrity import atomic_write_text
@@ -41,11 +42,11 @@ from runtime.precisions import Transform
 if TYPE_CHECKING:
     from engines.calibration import CalibrationSet
 
-BACKENDS = ("auto", "ort", "trt")
+BACKENDS = ("auto", *ENGINE_BUILDERS)
 IO_DTYPE = {p.name: p.io_dtype for p in SPECS.values()}
 # What each backend builds (the registry's engine recipes). fp32 needs no transform: ``build --precision
 # fp32`` only makes sense for engines.
-BACKEND_PRECISIONS = {b: tuple(p.name for p in SPECS.values() if b in p.backends()) for b in ("ort", "trt")}
+BACKEND_PRECISIONS = {b: tuple(p.name for p in SPECS.values() if b in p.backends()) for b in ENGINE_BUILDERS}
 KV_CACHE_DTYPES = ("int8", "fp32")  # --ort-kv-cache (int8 builds): how the ORT decoder engine stores its cache
 
 
@@ -74,11 +75,7 @@ class BuildConfig:
     int4_vision: str = "int8"  # int4: vision / Q-Former (and retrieval heads) as "int8" (calibrated) or "fp16"
 
     def resolved_backend(self) -> str:
-        if self.backend != "auto":
-            return self.backend
-        from runtime.backends.trt import tensorrt_status
-
-        return "trt" if tensorrt_status() is None else "ort"
+        return auto_builder() if self.backend == "auto" else self.backend
 
     def validate(self, manifest: Manifest | None = None) -> None:
         from engines.int8 import CalibMethod, Recipe
@@ -96,10 +93,7 @@ class BuildConfig:
                                       "for fp32 TensorRT engines")
             raise Blip2Error(f"backend {backend} cannot run --precision {self.precision}",
                              hint=f"{backend} builds {', '.join(BACKEND_PRECISIONS[backend])}")
-        if backend == "trt":
-            from runtime.backends.trt import require_tensorrt
-
-            require_tensorrt()  # names the [trt] extra, or says there is no GPU
+        ENGINE_BUILDERS[backend].require()  # e.g. TensorRT: names the [trt] extra, or says there is no GPU
         if self.max_batch is not None and self.max_batch < 1:
             raise Blip2Error(f"--max-batch must be >= 1 (got {self.max_batch})")
         if self.workspace_mb < 64:
@@ -245,31 +239,15 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
     stage = Path(tempfile.mkdtemp(prefix=f".build-{prec}.", suffix=".tmp", dir=bundle))
     try:
         graphs = dict(manifest.graphs.get(prec, {}))
+        calib = None
         if transformed:
             graphs, calib = _transform(bundle, stage, manifest, config, progress, say, _files_of_all(manifest))
-            if backend == "ort":
-                # ORT builds of the new graphs, made once here: the decoder's fused attention and in-place
-                # KV cache (as export makes for fp32; int8 with scales from calibration for int8 builds),
-                # uint8 activations for calibrated int8 graphs.
-                from engines.ort_optimize import attach_ort_engine, kv_cache_scales
-
-                kv_scales = None
-                decoder = GraphName.DECODER.value
-                if calib is not None and config.ort_kv_cache == "int8" and decoder in graphs:
-                    kv_scales = kv_cache_scales(calib.kv_peak, manifest.model.llm_layers)
-                for name in list(graphs):
-                    graphs[name] = attach_ort_engine(stage, graphs[name], manifest.model, warn=say,
-                                                     int8=config.ort_int8,
-                                                     kv_scales=kv_scales if name == decoder else None)
+        job = EngineJob(bundle, stage, manifest, config, transformed, calib, config.engine_dims(manifest),
+                        _files_of_all(manifest), progress, say)
+        graphs = ENGINE_BUILDERS[backend].build(job, graphs)  # ORT engine graphs, or TensorRT engines
         new_files = [f.name for f in stage.iterdir()]
-        engine_names: list[str] = []
-        if backend == "trt":
-            from engines.trt_builder import build_engines
-
-            graphs = build_engines(bundle, stage, graphs, config.engine_dims(manifest), timing_cache=config.timing_cache,
-                                   workspace_mb=config.workspace_mb, progress=progress,
-                                   echo=say, taken=_files_of_all(manifest))
-            engine_names = [e.file for g in graphs.values() for e in g.engines]
+        engine_names = sorted({e.file for g in graphs.values() for e in g.engines
+                               if e.backend == backend and e.file in new_files})  # made by this build
         # Commit: move the new files in (under names the live manifest does not use, so nothing it
         # vouches for is overwritten), then replace the manifest: the only file that makes them count.
         old_files = _files_of(manifest.graphs.get(prec, {}))

@@ -223,7 +223,8 @@ class InputHessians:
         idx = next((i for i, (n, _) in enumerate(self.order) if n == name), None)
         if idx is None:
             return None
-        group, size = [], 0
+        group: list[str] = []
+        size = 0
         for n, k in self.order[idx:]:
             if group and size + 8 * k * k > self.budget:
                 break

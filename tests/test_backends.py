@@ -97,3 +97,15 @@ def test_a_registered_backend_is_run_and_offered_by_the_cli(tiny_bundle, tmp_pat
         unregister_backend(spec.name)
     with pytest.raises(Blip2Error, match="unknown backend 'ort-renamed'"):
         create_backend("ort-renamed")
+
+
+def test_build_backend_auto_takes_the_first_engine_builder_that_can_build_here(monkeypatch):
+    from engines.build import BuildConfig
+    from engines.engine_builders import ENGINE_BUILDERS, TrtEngineBuilder
+
+    assert set(ENGINE_BUILDERS) >= {"ort", "trt"}
+    monkeypatch.setattr(TrtEngineBuilder, "unavailable", lambda self: "no GPU here (test)")
+    assert BuildConfig(precision="int8").resolved_backend() == "ort"
+    monkeypatch.setattr(TrtEngineBuilder, "unavailable", lambda self: None)
+    assert BuildConfig(precision="int8").resolved_backend() == "trt"
+    assert BuildConfig(precision="int8", backend="ort").resolved_backend() == "ort"
