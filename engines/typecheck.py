@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ("engines/build.py", "engines/trt_builder.py", "engines/fp16.py", "engines/int8.py",
-         "engines/calibration.py", "engines/onnx_utils.py", "engines/int4.py", "runtime/precisions.py",
+         "engines/calibration.py", "engines/onnx_utils.py", "engines/ort/pipelines.py", "engines/int4.py", "runtime/precisions.py",
          "runtime/backends/trt.py", "engines/engine_builders.py")
 CONFIG = """[mypy]
 python_version = 3.11
