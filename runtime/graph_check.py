@@ -178,10 +178,10 @@ def check_bundle_graphs(bundle, manifest, *, verify: bool = True) -> int:
     for graphs in manifest.graphs.values():
         for rec in graphs.values():
             targets = [(rec.file, rec.sha256, [e.file for e in rec.external_data])]
-            info = rec.notes.get("ort_engine")
+            info = rec.ort_engine
             for e in rec.engines:
-                if e.backend == "ort" and isinstance(info, dict) and e.file == info.get("file"):
-                    targets.append((e.file, e.sha256, list(info.get("external_data", []))))
+                if e.backend == "ort" and info is not None and e.file == info.file:
+                    targets.append((e.file, e.sha256, list(info.external_data)))
             for file, digest, data in targets:
                 raw = files.read(file, digest, limit=2**31 - 1, what="graph", as_bytes=True)
                 check_graph(parse_graph(raw, file), {n: files.size(n) for n in data}, file)

@@ -81,6 +81,20 @@ class EngineRecord:
     profile: dict[str, list[int]] = field(default_factory=dict)  # dim -> [min, opt, max]
 
 
+KV_DTYPES = ("int8",)  # an ORT engine's KV cache type where it differs from the graph's float IO
+
+
+@dataclass(frozen=True)
+class OrtEngineFacts:
+    """How the ORT engine build of a graph is loaded and fed (recorded as ``notes["ort_engine"]``; read
+    through :attr:`GraphRecord.ort_engine`, validated when the manifest loads)."""
+
+    file: str  # the engine graph, one of the record's engines
+    external_data: tuple[str, ...] = ()  # its data files (possibly shared with the portable graph)
+    kv_cache: str = KV_CONCAT  # how a decoder's cache is fed: KV_CONCAT or KV_SHARED
+    kv_dtype: str | None = None  # the cache's type where it differs from the graph's float IO ("int8")
+
+
 @dataclass(frozen=True)
 class GraphRecord:
     name: str
@@ -99,6 +113,15 @@ class GraphRecord:
     def transform_spec(self):
         """The :class:`runtime.precisions.Transform` of this graph."""
         return TRANSFORMS[self.transform or legacy_transform(self.precision, self.name, self.notes)]
+
+    @property
+    def ort_engine(self) -> OrtEngineFacts | None:
+        """The ORT engine build of this graph, typed (None when it has none)."""
+        info = self.notes.get("ort_engine")
+        if not isinstance(info, dict):
+            return None
+        return OrtEngineFacts(file=str(info.get("file")), external_data=tuple(info.get("external_data", ())),
+                              kv_cache=str(info.get("kv_cache", KV_CONCAT)), kv_dtype=info.get("kv_dtype"))
 
 
 @dataclass(frozen=True)
@@ -459,10 +482,11 @@ def _check_ort_engine(prec: str, rec: GraphRecord) -> None:
     ext = info.get("external_data", []) if isinstance(info, dict) else None
     if not isinstance(info, dict) or info.get("file") not in engine_files \
             or info.get("kv_cache", "concat") not in KV_CACHE_MODES \
+            or info.get("kv_dtype") not in (None, *KV_DTYPES) \
             or not isinstance(ext, list) or any(e not in data_files or e == info.get("file") for e in ext):
         raise BundleError(f"{prec} graph {rec.name!r}: notes.ort_engine must name one of its engine files "
-                          f"({', '.join(sorted(engine_files)) or 'none'}) and a kv_cache of "
-                          f"{', '.join(KV_CACHE_MODES)}")
+                          f"({', '.join(sorted(engine_files)) or 'none'}), a kv_cache of "
+                          f"{', '.join(KV_CACHE_MODES)} and a kv_dtype of {', '.join(KV_DTYPES)} or none")
 
 
 def _mapping(d: dict, key: str) -> dict:

@@ -31,7 +31,7 @@ from runtime.backends.int8_kernels import (
 from runtime.bundle_files import BundleFiles, printable
 from runtime.errors import Blip2Error, Blip2Warning, require
 from runtime.graph_check import PACKED_4BIT, ExternalTensor, check_graph, parse_graph
-from runtime.manifest import EngineRecord, GraphRecord
+from runtime.manifest import EngineRecord, GraphRecord, OrtEngineFacts
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8}
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
@@ -208,13 +208,13 @@ class OrtBackend:
         so.log_severity_level = 3
         return so
 
-    def engine_for(self, record: GraphRecord) -> tuple[EngineRecord, dict] | None:
-        """The ORT engine build of ``record`` this backend can run, with its manifest notes, or None."""
-        info = record.notes.get("ort_engine")
-        if not self.engines or not isinstance(info, dict) or self.providers != ["CPUExecutionProvider"]:
+    def engine_for(self, record: GraphRecord) -> tuple[EngineRecord, OrtEngineFacts] | None:
+        """The ORT engine build of ``record`` this backend can run, with its facts, or None."""
+        info = record.ort_engine
+        if not self.engines or info is None or self.providers != ["CPUExecutionProvider"]:
             return None
         for e in record.engines:
-            if e.backend == "ort" and e.file == info.get("file"):
+            if e.backend == "ort" and e.file == info.file:
                 return e, info
         return None
 
@@ -239,7 +239,7 @@ class OrtBackend:
             recs = {e.file: (e.sha256, e.bytes) for e in record.external_data}
             recs.update((e.file, (e.sha256, None)) for e in record.engines)
             file, digest = found[0].file, found[0].sha256
-            listed = [(n, *recs[n]) for n in found[1].get("external_data", []) if n in recs]
+            listed = [(n, *recs[n]) for n in found[1].external_data if n in recs]
         else:
             file, digest = record.file, record.sha256
             listed = [(e.file, e.sha256, e.bytes) for e in record.external_data]
@@ -277,8 +277,8 @@ class OrtBackend:
             raise Blip2Error(f"ONNX Runtime cannot load {printable(file)}: {printable(first)[:300]}") from None
         del raw, data, so
         if found:
-            return OrtGraph(sess, record, kv_cache=str(found[1].get("kv_cache", KV_CONCAT)), engine=file,
-                            kv_dtype=found[1].get("kv_dtype"), int8=int8, keep=keep)
+            return OrtGraph(sess, record, kv_cache=found[1].kv_cache, engine=file, kv_dtype=found[1].kv_dtype,
+                            int8=int8, keep=keep)
         return OrtGraph(sess, record, int8=int8, keep=keep)
 
 
