@@ -13,6 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from blip2_export import __version__
+from blip2_export.graphs import example_inputs
+from blip2_export.modelzoo import checkpoint_identity
+from blip2_export.weights import ModuleWeights, export_onnx_streaming
 from runtime.contract import GraphIO, GraphName
 from runtime.errors import Blip2Error
 from runtime.manifest import (
@@ -114,7 +118,6 @@ def export_onnx(module, args: tuple, io: GraphIO, path: Path, opset: int, extern
     when None), so no graph's weights are ever held twice. The module is put in eval mode first: that
     exporter would otherwise keep training-mode dropout.
     """
-    from blip2_export.weights import ModuleWeights, export_onnx_streaming
 
     return export_onnx_streaming(module, args, io, path, opset, external_threshold, weights or ModuleWeights())
 
@@ -134,8 +137,6 @@ def write_manifest(tmp: Path, *, checkpoint, facts: ModelFacts, image_processor,
     import torch
     import transformers
 
-    from blip2_export import __version__
-    from blip2_export.modelzoo import checkpoint_identity
 
     manifest = Manifest(
         format_version=FORMAT_VERSION,
@@ -156,7 +157,6 @@ def write_manifest(tmp: Path, *, checkpoint, facts: ModelFacts, image_processor,
 
 def export_graph(tmp: Path, name: GraphName, module, io: GraphIO, sizes: dict, config: ExportConfig,
                  weights=None) -> GraphRecord:
-    from blip2_export.graphs import example_inputs
 
     file = f"{name.value}.onnx"
     ext = export_onnx(module, example_inputs(io, sizes), io, tmp / file, config.opset,
@@ -170,7 +170,6 @@ def write_text_side(tmp: Path, model, tokenizer, weights=None) -> dict:
     """Token embedding table (the "prompt table") and tokenizer files; returns their file records.
 
     ``weights``: where the table's values come from (see :func:`export_onnx`)."""
-    from blip2_export.weights import ModuleWeights
 
     emb = (weights or ModuleWeights()).array(model.get_input_embeddings().weight)
     np.save(tmp / "embed_tokens.npy", np.ascontiguousarray(emb), allow_pickle=False)

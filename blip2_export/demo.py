@@ -5,7 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from blip2_export.export import ExportConfig, export_bundle
+from blip2_export.modelzoo import PRESETS, make_random_checkpoint
+from blip2_export.parity import list_images, run_parity
 from runtime.errors import Blip2Error
+from runtime.manifest import load_manifest
+from runtime.pipeline import Blip2Runtime
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_MODEL = ASSETS / "demo_model"
@@ -22,11 +27,6 @@ def sample_images() -> list[Path]:
 
 def run_demo(out: Path, *, preset: str = "embedded", images: list | None = None, force: bool = False,
              echo=print) -> dict:
-    from blip2_export.export import ExportConfig, export_bundle
-    from blip2_export.modelzoo import PRESETS, make_random_checkpoint
-    from blip2_export.parity import list_images, run_parity
-    from runtime.manifest import load_manifest
-    from runtime.pipeline import Blip2Runtime
 
     out = Path(out)
     if preset == "embedded":

@@ -17,6 +17,8 @@ import numpy as np
 from runtime.contract import Family
 from runtime.errors import Blip2Error
 from runtime.manifest import load_manifest
+from runtime.pipeline import Blip2Runtime
+from runtime.retrieval import RetrievalRuntime
 
 
 @dataclass
@@ -77,7 +79,6 @@ def evaluate(bundle: str | Path, data: str | Path, *, split: str = "test", preci
 
         chunks = tqdm(chunks, desc=f"evaluate {precision}", unit="batch")
     if family is Family.RETRIEVAL:
-        from runtime.retrieval import RetrievalRuntime
 
         rt = RetrievalRuntime(bundle, precision=precision, **backend_options)
         captions = [c for _, c in items]
@@ -88,7 +89,6 @@ def evaluate(bundle: str | Path, data: str | Path, *, split: str = "test", preci
         q.i2t_r1 = float(np.mean(same[np.arange(len(items)), sims.argmax(axis=1)]))
         q.t2i_r1 = float(np.mean(same[sims.argmax(axis=0), np.arange(len(items))]))
         return q
-    from runtime.pipeline import Blip2Runtime
 
     rt = Blip2Runtime(bundle, precision=precision, **backend_options)
     exact, words, total_words = 0, 0, 0

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blip2_export.text_tokenizer import build_word_tokenizer
+from blip2_export.weights import CheckpointWeights, ModuleWeights, weightless_model
 from runtime.errors import Blip2Error
+from runtime.integrity import sha256_file
 
 # CLIP normalisation, as in the published BLIP-2 processors.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -188,7 +191,6 @@ def build_random_model(preset: str | ModelSpec = "tiny", seed: int = 0, **overri
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    from blip2_export.text_tokenizer import build_word_tokenizer
 
     spec = get_spec(preset, **overrides)
     tokenizer = build_word_tokenizer(spec.extra_words, add_bos=spec.llm != "t5", add_eos=spec.llm == "t5")
@@ -317,7 +319,6 @@ def write_random_checkpoint(path: str | Path, preset: str | ModelSpec = "tiny", 
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    from blip2_export.text_tokenizer import build_word_tokenizer
 
     spec = get_spec(preset, **overrides)
     tokenizer = build_word_tokenizer(spec.extra_words, add_bos=spec.llm == "opt", add_eos=spec.llm == "t5")
@@ -417,7 +418,6 @@ def load_checkpoint_lazy(path: str | Path):
     when a graph is written. A checkpoint with only ``*.bin`` weights (pickles cannot be read one tensor
     at a time) is loaded whole, its own tensors being the weights.
     """
-    from blip2_export.weights import CheckpointWeights, ModuleWeights, weightless_model
 
     path, config, tokenizer, image_processor = _read_checkpoint(path)
     if not list(path.glob("*.safetensors")):
@@ -487,7 +487,6 @@ def checkpoint_identity(path: str | Path) -> str:
     """sha256 over the checkpoint's weight files (names and bytes), for the manifest."""
     import hashlib
 
-    from runtime.integrity import sha256_file
 
     h = hashlib.sha256()
     files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
@@ -546,7 +545,6 @@ def build_random_retrieval_model(preset: str | ModelSpec = "tiny", seed: int = 0
     import torch
     from transformers import Blip2ForImageTextRetrieval
 
-    from blip2_export.text_tokenizer import build_word_tokenizer
 
     spec = get_spec(preset, **overrides)
     tokenizer = build_word_tokenizer(spec.extra_words, add_bos=True, add_eos=True)

@@ -14,10 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import Blip2Error
+from blip2_export.families import load_for_export
+from blip2_export.graphs import QFormerGraph
+from blip2_export.modelzoo import load_retrieval_checkpoint
+from blip2_export.weights import release_freed_memory
+from runtime.errors import Blip2Error, Blip2Warning
 from runtime.generation import GenerationConfig
+from runtime.integrity import atomic_write_text
+from runtime.manifest import load_manifest
+from runtime.pipeline import Blip2Runtime
 from runtime.precisions import PRECISIONS as PRECISION_SPECS
 from runtime.precisions import ParityThresholds
+from runtime.preprocess import image_files, load_image, preprocess
+from runtime.retrieval import RetrievalRuntime, rank
 
 DEFAULT_PROMPTS = ("", "a photo of", "Question: what is in the picture? Answer:")
 
@@ -158,7 +167,6 @@ def reference_drift(exported: dict[str, str]) -> list[str]:
 def warn_reference_drift(exported: dict[str, str]) -> list[str]:
     import warnings
 
-    from runtime.errors import Blip2Warning
 
     drift = reference_drift(exported)
     for line in drift:
@@ -181,7 +189,6 @@ def list_images(folder: str | Path | None, count: int = 8) -> list:
             img.filename = f"synthetic-{i}"  # type: ignore[attr-defined]
             out.append(img)
         return out
-    from runtime.preprocess import image_files
 
     return image_files(folder)
 
@@ -196,8 +203,6 @@ def run_parity(checkpoint: str | Path, bundle: str | Path, *, images=None, promp
     The two sides run one after the other, never both in memory (a model near the machine's size fits):
     the eager model computes every reference (stages, generations, teacher-forced logits) and is
     released when it was loaded here, then the bundle is loaded and compared against them."""
-    from runtime.manifest import load_manifest
-    from runtime.preprocess import load_image
 
     if precision not in THRESHOLDS:
         raise Blip2Error(f"unknown precision {precision!r}; choose one of: {', '.join(THRESHOLDS)}")
@@ -226,8 +231,6 @@ def _eager_references(checkpoint, model_and_tokenizer, manifest, pil, names, job
 
     import torch
 
-    from blip2_export.families import load_for_export
-    from blip2_export.graphs import QFormerGraph
 
     family, (model, tokenizer, processor), _ = load_for_export(checkpoint, model_and_tokenizer, lazy=False)
     model = model.float().eval()
@@ -267,7 +270,6 @@ def _eager_references(checkpoint, model_and_tokenizer, manifest, pil, names, job
     if model_and_tokenizer is None:  # loaded here: gone before the bundle comes in
         del model, emb_ref, prefix_ref
         gc.collect()
-        from blip2_export.weights import release_freed_memory
 
         release_freed_memory()
     return out
@@ -276,7 +278,6 @@ def _eager_references(checkpoint, model_and_tokenizer, manifest, pil, names, job
 def _compare_runtime(bundle, precision: str, backend: str, backend_options: dict, report: ParityReport,
                      ref: dict, pil, names, jobs, num_beams: int, batch: int, max_new_tokens: int,
                      progress: bool) -> ParityReport:
-    from runtime.pipeline import Blip2Runtime
 
     rt = Blip2Runtime(bundle, precision=precision, backend=backend, **backend_options)
     t = report.thresholds
@@ -338,7 +339,6 @@ def _stepwise_max_diff(sm, ref: list[int], logits_ref: np.ndarray) -> tuple[floa
 
 
 def save_report(report: ParityReport, path: str | Path) -> None:
-    from runtime.integrity import atomic_write_text
 
     atomic_write_text(path, json.dumps(report.to_json(), indent=2))
 
@@ -410,9 +410,6 @@ def run_retrieval_parity(checkpoint: str | Path, bundle: str | Path, *, images=N
     of every (image, text) pair, and the rankings (ITC, then ITM re-ranking of the top k) both ways."""
     import torch
 
-    from blip2_export.modelzoo import load_retrieval_checkpoint
-    from runtime.preprocess import load_image, preprocess
-    from runtime.retrieval import RetrievalRuntime, rank
 
     model, tokenizer, processor = model_and_tokenizer or load_retrieval_checkpoint(checkpoint)
     model = model.float().eval()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.tensor_store import INLINE_MAX, DataWriter
 from runtime.errors import Blip2Error
 
 # Ops whose result the folding computes once when every input is a constant (as torch's exporter does
@@ -207,7 +208,6 @@ def export_onnx_streaming(module, args: tuple, io, path: Path, opset: int, exter
     import onnx
     import torch
 
-    from engines.tensor_store import INLINE_MAX, DataWriter
 
     module.eval()
     return_large_frees_to_os()

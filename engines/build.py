@@ -22,11 +22,18 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from engines.calibration import CalibrationSet, collect, list_calibration_images, read_prompts
 from engines.engine_builders import ENGINE_BUILDERS, EngineJob, auto_builder
+from engines.fp16 import FP32_GRAPHS, convert_fp16
+from engines.int4 import BLOCK_SIZES, LM_HEAD, quantize_int4
+from engines.int8 import CalibMethod, Recipe, quantize_static_graph, quantize_weights
+from engines.onnx_utils import fresh_name, save_model_atomic
+from engines.ort_optimize import INT8_MODES
+from runtime.bundle_files import BundleFiles
 from runtime.contract import Family, GraphName
 from runtime.errors import Blip2Error, BundleError
+from runtime.graph_check import check_bundle_graphs
 from runtime.integrity import atomic_write_text
 from runtime.manifest import (
     MANIFEST_NAME,
@@ -38,9 +45,6 @@ from runtime.manifest import (
 )
 from runtime.precisions import PRECISIONS as SPECS
 from runtime.precisions import Transform
-
-if TYPE_CHECKING:
-    from engines.calibration import CalibrationSet
 
 BACKENDS = ("auto", *ENGINE_BUILDERS)
 IO_DTYPE = {p.name: p.io_dtype for p in SPECS.values()}
@@ -78,7 +82,6 @@ class BuildConfig:
         return auto_builder() if self.backend == "auto" else self.backend
 
     def validate(self, manifest: Manifest | None = None) -> None:
-        from engines.int8 import CalibMethod, Recipe
 
         if self.precision not in SPECS:
             raise Blip2Error(f"--precision {self.precision!r} is not one of {', '.join(SPECS)}")
@@ -103,7 +106,6 @@ class BuildConfig:
                              f"{', '.join(m.value for m in CalibMethod)}")
         if not 90.0 <= self.calib_percentile < 100.0:
             raise Blip2Error(f"--calib-percentile must be in [90, 100) (got {self.calib_percentile})")
-        from engines.ort_optimize import INT8_MODES
 
         if self.ort_int8 not in INT8_MODES:
             raise Blip2Error(f"--ort-int8 {self.ort_int8!r} is not one of {', '.join(INT8_MODES)}")
@@ -113,7 +115,6 @@ class BuildConfig:
             raise Blip2Error(f"--llm-int8 {self.llm_int8!r} is not one of {', '.join(r.value for r in Recipe)}")
         if self.timing_cache is not None and self.timing_cache.is_dir():
             raise Blip2Error(f"--timing-cache must be a file path, not a folder: {self.timing_cache}")
-        from engines.int4 import BLOCK_SIZES, LM_HEAD
 
         if self.int4_block not in BLOCK_SIZES:
             raise Blip2Error(f"--int4-block {self.int4_block} is not one of {', '.join(map(str, BLOCK_SIZES))}")
@@ -125,7 +126,6 @@ class BuildConfig:
             if self.calib_images is None:
                 raise Blip2Error(f"{self.precision} needs calibration images (for {', '.join(calibrated)})",
                                  hint="pass --calib-images DIR (a few dozen images like the ones the model will see)")
-            from engines.calibration import list_calibration_images, read_prompts
 
             list_calibration_images(self.calib_images)
             prompts = read_prompts(self.calib_prompts)
@@ -229,7 +229,6 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
     bundle = Path(bundle)
     say = echo or (lambda s: None)
     manifest = load_manifest(bundle, verify=True)
-    from runtime.graph_check import check_bundle_graphs
 
     check_bundle_graphs(bundle, manifest)  # before onnx.load follows any external-data path in a transform
     config.validate(manifest)
@@ -275,7 +274,6 @@ def remove_stale_files(bundle: Path, names: set[str]) -> None:
     Only plain names of regular files directly in the bundle's real folder (``BundleFiles.resolve``: no
     symlinked file or folder, nothing outside), unlinked relative to that folder's descriptor, so a name
     can never reach a file elsewhere even if the folder changes meanwhile."""
-    from runtime.bundle_files import BundleFiles
 
     files = BundleFiles(bundle, verify=False)
     fd = os.open(files.real, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -323,21 +321,18 @@ class TransformJob:
 
 
 def _fp16(job: TransformJob) -> tuple[object, dict]:
-    from engines.fp16 import FP32_GRAPHS, convert_fp16
 
     r16 = convert_fp16(job.src, job.name, job.io, job.manifest.model.llm_type)  # type: ignore[arg-type]
     return r16.model, r16.notes(job.name in FP32_GRAPHS)
 
 
 def _int8_weight(job: TransformJob) -> tuple[object, dict]:
-    from engines.int8 import quantize_weights
 
     r8 = quantize_weights(job.src, job.name, job.io)  # type: ignore[arg-type]
     return r8.model, r8.notes
 
 
 def _int8_static(job: TransformJob) -> tuple[object, dict]:
-    from engines.int8 import CalibMethod, quantize_static_graph
 
     assert job.calib is not None
     if job.calib.count(job.name) == 0:
@@ -349,7 +344,6 @@ def _int8_static(job: TransformJob) -> tuple[object, dict]:
 
 def _int4(method: str) -> Callable[[TransformJob], tuple[object, dict]]:
     def run(job: TransformJob) -> tuple[object, dict]:
-        from engines.int4 import quantize_int4
 
         feeds = job.calib.feeds.get(job.name, []) if job.calib is not None else None
         r4 = quantize_int4(job.src, job.name, job.io, block=job.config.int4_block, method=method,  # type: ignore[arg-type]
@@ -375,7 +369,6 @@ def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfi
                ) -> tuple[dict[str, GraphRecord], CalibrationSet | None]:
     """Write the ``config.precision`` graphs into ``stage``; return their records and the calibration
     set (when a transform needed one; None otherwise)."""
-    from engines.onnx_utils import fresh_name, save_model_atomic
 
     prec = config.precision
     names = list(manifest.graphs["fp32"])
@@ -383,7 +376,6 @@ def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfi
     calib = None
     calibrated = [n for n in names if plan[n].calibrated]
     if calibrated:
-        from engines.calibration import collect, list_calibration_images, read_prompts
 
         images = list_calibration_images(config.calib_images, config.calib_limit)  # type: ignore[arg-type]
         prompts = read_prompts(config.calib_prompts)

@@ -19,9 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends import RunnerWrapper
-from runtime.contract import GraphName
+from runtime.contract import Family, GraphName
 from runtime.errors import InputError
-from runtime.preprocess import IMAGE_SUFFIXES
+from runtime.manifest import load_manifest
+from runtime.pipeline import Blip2Runtime
+from runtime.preprocess import IMAGE_SUFFIXES, load_image
+from runtime.retrieval import RetrievalRuntime
 
 DEFAULT_CALIB_PROMPTS = ("", "a photo of", "Question: what is in the picture? Answer:",
                          "Question: how many people are there? Answer:")
@@ -108,10 +111,6 @@ def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
     and ``decode_steps`` decode steps. Decoder samples are thinned evenly to ``max_decoder_samples``
     (prefills are always kept: they carry the visual prefix).
     """
-    from runtime.contract import Family
-    from runtime.manifest import load_manifest
-    from runtime.pipeline import Blip2Runtime
-    from runtime.preprocess import load_image
 
     if load_manifest(bundle, verify=False).family is Family.RETRIEVAL:
         return _collect_retrieval(bundle, images, prompts, progress=progress)
@@ -144,8 +143,6 @@ def _collect_retrieval(bundle: str | Path, images: list[Path], prompts: tuple[st
                        progress: bool = False, itm_texts_per_image: int = 4) -> CalibrationSet:
     """Retrieval bundles: image features of every image, text features of every prompt (the captions to
     rank), and the ITM head over every image x prompt pair."""
-    from runtime.preprocess import load_image
-    from runtime.retrieval import RetrievalRuntime
 
     rt = RetrievalRuntime(bundle, precision="fp32", backend="ort")
     cal = CalibrationSet()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engines.ort_optimize import attach_ort_engine, kv_cache_scales
+from engines.trt_builder import build_engines  # imports tensorrt: only where it is installed
 from runtime.backends.trt import require_tensorrt, tensorrt_status
 from runtime.contract import GraphName
 from runtime.manifest import DimRange, GraphRecord, Manifest
@@ -86,7 +87,6 @@ class TrtEngineBuilder:
         require_tensorrt()  # names the [trt] extra, or says there is no GPU
 
     def build(self, job: EngineJob, graphs: dict[str, GraphRecord]) -> dict[str, GraphRecord]:
-        from engines.trt_builder import build_engines  # imports tensorrt: only where it is installed
 
         return build_engines(job.bundle, job.stage, graphs, job.dims, timing_cache=job.config.timing_cache,
                              workspace_mb=job.config.workspace_mb, progress=job.progress, echo=job.say,

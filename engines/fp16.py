@@ -32,6 +32,7 @@ from engines.onnx_utils import (
     toposort,
 )
 from runtime.contract import GraphIO, GraphName
+from runtime.errors import Blip2Error
 
 # Ops computed in fp32 inside fp16 graphs (with Casts at their boundaries).
 FP32_OPS: tuple[str, ...] = (
@@ -145,7 +146,6 @@ def _check_io(model, io: GraphIO) -> None:
     """The converted graph's IO types must be what the manifest will declare."""
     from onnx import helper
 
-    from runtime.errors import Blip2Error
 
     declared = {t.name: t.dtype for t in (*io.inputs, *io.outputs)}
     for v in (*model.graph.input, *model.graph.output):

@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from engines.int8 import float_outputs_nodes, quantize_per_channel
 from engines.onnx_utils import ensure_node_names, load_model, toposort
+from engines.tensor_store import is_external, make_tensor, read_external_bytes, tensor_array
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
 
@@ -252,7 +254,6 @@ class InputHessians:
 
 # -- the transform -------------------------------------------------------------------------------------
 def logits_node(model, io: GraphIO) -> str | None:
-    from engines.int8 import float_outputs_nodes
 
     nodes = float_outputs_nodes(model, io)
     return nodes[0] if nodes else None
@@ -265,7 +266,6 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
     ``feeds``: the graph's recorded calibration inputs (``gptq`` needs them)."""
     from onnx import helper, numpy_helper
 
-    from engines.int8 import quantize_per_channel
 
     if block not in BLOCK_SIZES:
         raise Blip2Error(f"--int4-block {block} is not one of {', '.join(map(str, BLOCK_SIZES))}")
@@ -371,7 +371,6 @@ def _output_error(w_nk: np.ndarray, wq_nk: np.ndarray, h: np.ndarray) -> float:
 def _int4_values(t) -> np.ndarray:
     from onnx import TensorProto
 
-    from engines.tensor_store import is_external, read_external_bytes
 
     count = int(np.prod(t.dims))
     if t.data_type != TensorProto.INT4:
@@ -393,7 +392,6 @@ def lower_int4_weights(model, writer=None) -> int:
     """
     from onnx import TensorProto, helper
 
-    from engines.tensor_store import make_tensor, tensor_array
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}

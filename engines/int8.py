@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.onnx_utils import ensure_node_names, load_model, producer_through, toposort
+from engines.tensor_store import load_lazy, tensor_array
 from runtime.contract import GraphIO, GraphName
 from runtime.errors import Blip2Error
 
@@ -220,7 +221,6 @@ def quantize_weights(src: str | Path, graph: str, io: GraphIO, exclude: tuple[st
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    from engines.tensor_store import load_lazy, tensor_array
 
     model = load_lazy(src)
     ensure_node_names(model)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engines.tensor_store import save_streaming
+from runtime.errors import Blip2Error
+
 # Graphs whose weights exceed this go to one external data file (protobuf cannot hold more than 2 GiB;
 # written and read one tensor at a time, see engines/tensor_store.py, where inline weights are held whole).
 EXTERNAL_DATA_THRESHOLD = 64 << 20
@@ -22,7 +25,6 @@ def save_model_atomic(model, path: Path, *, external_threshold: int = EXTERNAL_D
     (:func:`engines.tensor_store.save_streaming`): a model read lazily keeps its weights on disk until
     they are copied, one tensor at a time. Returns the external data file names (relative to the folder).
     """
-    from engines.tensor_store import save_streaming
 
     return save_streaming(model, Path(path), external_threshold=external_threshold)
 
@@ -82,7 +84,6 @@ def toposort(model) -> None:
                 if deps[c] == 0:
                     heapq.heappush(heap, c)
     if len(order) != len(nodes):
-        from runtime.errors import Blip2Error
 
         raise Blip2Error(f"graph {graph.name!r} has a cycle or a dangling input ({len(nodes) - len(order)} "
                          "nodes cannot be ordered)")

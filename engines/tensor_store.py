@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.errors import Blip2Error
+
 # Tensors at least this large go to the external-data file (onnx.save_model's size_threshold does the same).
 INLINE_MAX = 1024
 ALIGN = 64  # offsets of tensors in a data file: aligned, so a reader may map them as arrays
@@ -57,7 +59,6 @@ def read_external_bytes(t) -> bytes:
         f.seek(offset)
         data = f.read(int(length)) if length is not None else f.read()
     if length is not None and len(data) != int(length):
-        from runtime.errors import Blip2Error
 
         raise Blip2Error(f"{path} ends before tensor {t.name!r} ({len(data)} of {length} bytes)")
     return data
@@ -166,7 +167,6 @@ class DataWriter:
             while left:
                 chunk = src.read(min(COPY_CHUNK, left))
                 if not chunk:
-                    from runtime.errors import Blip2Error
 
                     raise Blip2Error(f"{info['location']} ends before tensor {t.name!r}")
                 self._f.write(chunk)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.onnx_utils import fresh_name
+from runtime.backends.trt import current_device, require_tensorrt
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
 from runtime.integrity import atomic_write_bytes
@@ -77,7 +78,6 @@ def build_engine(onnx_path: Path, out_path: Path, record: GraphRecord, dims: dic
                  timing_cache: Path | None = None, workspace_mb: int = 4096,
                  echo: Callable[[str], None] = print) -> dict[str, list[int]]:
     """Build ``out_path`` (a serialized engine) from ``onnx_path``; return the profile that was used."""
-    from runtime.backends.trt import require_tensorrt
 
     require_tensorrt()  # the real library and a GPU, or a one-line error naming the [trt] extra
     import tensorrt as trt  # typed by tensorrt-stubs under mypy
@@ -126,7 +126,6 @@ def build_engines(bundle: Path, stage: Path, graphs: dict[str, GraphRecord], dim
     The ONNX is read from ``stage`` when this build just wrote it, else from the bundle. Engines for
     other devices stay recorded beside the new one (a bundle can carry engines for several GPUs).
     """
-    from runtime.backends.trt import current_device
 
     say = echo or (lambda s: None)
     device = current_device()

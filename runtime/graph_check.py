@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.bundle_files import printable
+from runtime.bundle_files import BundleFiles, printable
 from runtime.errors import BundleError, require
 
 # (domain, op_type) our exporter (torch.onnx), fp16/int8 transforms and ORT engine builds emit, and the
@@ -171,7 +171,6 @@ def check_bundle_graphs(bundle, manifest, *, verify: bool = True) -> int:
     """Walk every ONNX graph the manifest lists (portable graphs and ORT engine builds) as the runtime
     would before loading it: an external-data location that is not one of the graph's own listed files
     (an unlisted, unhashed file in the bundle, or one outside it) is refused. Returns the graphs walked."""
-    from runtime.bundle_files import BundleFiles
 
     files = BundleFiles(bundle, verify=verify)
     walked = 0

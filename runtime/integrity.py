@@ -11,6 +11,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from runtime.errors import Blip2Error
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -63,7 +65,6 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False):
     """
     final = Path(final)
     if final.exists() and not force:
-        from runtime.errors import Blip2Error
 
         raise Blip2Error(f"output {final} already exists", hint="pass --force to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ from typing import Any
 from runtime import contract
 from runtime.bundle_files import BundleFiles, check_name, printable
 from runtime.contract import Family, GraphIO, GraphName, TensorSpec
-from runtime.errors import BundleError
+from runtime.errors import Blip2Error, BundleError, LimitError
+from runtime.generation import GenerationConfig
 from runtime.integrity import sha256_file
 from runtime.precisions import PRECISION_NAMES, TRANSFORMS, legacy_transform, role_of
 from runtime.precisions import PRECISIONS as PRECISION_SPECS
@@ -53,7 +54,6 @@ class DimRange:
     max: int
 
     def check(self, name: str, value: int, flag: str | None = None) -> None:
-        from runtime.errors import LimitError
 
         if not self.min <= value <= self.max:
             hint = f"re-export or rebuild with a larger {flag}" if flag and value > self.max else None
@@ -394,8 +394,6 @@ class Manifest:
             raise BundleError(f"manifest preprocess.resample {p.resample!r} is not one of {', '.join(RESAMPLE)}")
         if p.rescale_factor <= 0 or min(p.std) <= 0:
             raise BundleError("manifest preprocess.rescale_factor and std must be > 0")
-        from runtime.errors import Blip2Error
-        from runtime.generation import GenerationConfig
 
         g = self.generation
         try:

@@ -6,6 +6,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from blip2_export.export import ExportConfig, export_bundle
+from blip2_export.modelzoo import get_spec, make_random_checkpoint
+from blip2_export.text_tokenizer import build_word_tokenizer
+
 BENCH_VOCAB = 50272  # OPT-125M's vocabulary: the bench model's LM head and embedding are OPT-sized
 
 def build_bench_model(model_dir: str | Path, bundle: str | Path, preset: str = "bench", *, max_context: int = 640,
@@ -14,14 +18,11 @@ def build_bench_model(model_dir: str | Path, bundle: str | Path, preset: str = "
 
     The ``bench`` preset gets OPT-125M's vocabulary size (synthetic words) so its embedding and LM head
     weigh what a real small BLIP-2's do. Same preset and seed: same weights, so anyone can reproduce."""
-    from blip2_export.export import ExportConfig, export_bundle
-    from blip2_export.modelzoo import get_spec, make_random_checkpoint
 
     model_dir, bundle = Path(model_dir), Path(bundle)
     if not (model_dir / "config.json").is_file():
         extra = {}
         if preset == "bench":
-            from blip2_export.text_tokenizer import build_word_tokenizer
 
             base = len(build_word_tokenizer())  # the word tokenizer's own vocabulary
             extra["extra_words"] = tuple(f"w{i:05d}" for i in range(BENCH_VOCAB - base))

@@ -22,7 +22,9 @@ from blip2_export.bench.measure import (
 )
 from blip2_export.bench.report import BenchReport, evaluate_targets
 from blip2_export.bench.runners import EagerRunner, RuntimeRunner, Timings
+from blip2_export.parity import list_images
 from runtime.errors import Blip2Error, require
+from runtime.manifest import load_manifest
 
 
 def _unavailable(kind: str, precision: str, bundle: Path, checkpoint: Path | None,
@@ -50,7 +52,6 @@ def _unavailable(kind: str, precision: str, bundle: Path, checkpoint: Path | Non
             return "not available here: this build has no TensorRT runtime backend"
         if device == "cpu":
             return "TensorRT runs on the GPU: bench it with --device cuda (beside the fp16 GPU eager baseline)"
-    from runtime.manifest import load_manifest
 
     m = load_manifest(bundle, verify=False)
     if precision not in m.graphs:
@@ -62,8 +63,6 @@ def _unavailable(kind: str, precision: str, bundle: Path, checkpoint: Path | Non
 def run_bench(checkpoint: str | Path | None, bundle: str | Path, config: BenchConfig, *, images: list | None = None,
               echo: Callable[[str], None] | None = None) -> BenchReport:
     """Run every backend of ``config`` and return the report (see :func:`write_report`)."""
-    from blip2_export.parity import list_images
-    from runtime.manifest import load_manifest
 
     config.validate()
     if config.device == "cuda":

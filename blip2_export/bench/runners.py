@@ -11,9 +11,14 @@ import numpy as np
 
 from blip2_export.bench.config import EAGER_PEERS, STAGES, BackendUnavailable
 from blip2_export.bench.measure import onnx_weight_bytes
+from blip2_export.graphs import QFormerGraph
+from blip2_export.modelzoo import load_checkpoint
 from runtime.backends import backend_spec
 from runtime.contract import GraphName
+from runtime.decoder_only import DecoderOnlyModel
 from runtime.errors import Blip2Error
+from runtime.generation import GenerationConfig
+from runtime.pipeline import Blip2Runtime
 
 
 @dataclass
@@ -42,7 +47,6 @@ class RuntimeRunner:
 
     def __init__(self, bundle: Path, kind: str, precision: str, threads: int, device: str = "cpu",
                  int8_kernel: str = "auto"):
-        from runtime.pipeline import Blip2Runtime
 
         takes = backend_spec(kind).options
         opts: dict[str, Any] = {k: v for k, v in (("threads", threads), ("int8_kernel", int8_kernel)) if k in takes}
@@ -64,7 +68,6 @@ class RuntimeRunner:
                 "kv_itemsize": np.dtype(facts.kv_dtype or rec.io.inputs[0].dtype).itemsize}
 
     def e2e(self, images: list, prompt: str, new_tokens: int, t: Timings | None) -> list[list[int]]:
-        from runtime.generation import GenerationConfig
 
         cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         clock = _Clock()
@@ -86,7 +89,6 @@ class RuntimeRunner:
 
     def decode_at(self, context: int, batch: int, steps: int, token: int) -> list[float]:
         """Seconds per decode step with ``context`` positions cached, ``batch`` rows."""
-        from runtime.decoder_only import DecoderOnlyModel
 
         q = self.facts.num_query_tokens
         assert self.prefix is not None
@@ -114,7 +116,6 @@ class EagerRunner:
     def __init__(self, checkpoint: Path, threads: int, device: str = "cpu", variant: str = "fp32"):
         import torch
 
-        from blip2_export.modelzoo import load_checkpoint
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -220,7 +221,6 @@ class EagerRunner:
                   qformer=self.marks["qformer_end"] - self.marks["vision_end"],
                   prefill=m[0] - self.marks["qformer_end"], decode_per_token=list(np.diff(m)), e2e=t4 - t0)
         if self.prefix is None:  # the visual prefix of the first image, for the decode sweep
-            from blip2_export.graphs import QFormerGraph
 
             with torch.no_grad():
                 self.prefix = QFormerGraph(self.model)(self.model.vision_model(pixel_values=pv[:1]).last_hidden_state)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.tensor_store import tensor_array
 from runtime.errors import Blip2Error
 
 SHAPE_OPS = ("Reshape", "Transpose")
@@ -33,7 +34,6 @@ class GraphView:
         """The value of constant ``name`` (read from disk for an external initializer), else None."""
         from onnx import numpy_helper
 
-        from engines.tensor_store import tensor_array
 
         if name in self.inits:
             return tensor_array(self.inits[name])

@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from engines.int4 import NBITS_ACCURACY_LEVEL as INT4_ACCURACY_LEVEL
+from engines.int4 import lower_int4_weights
+from engines.onnx_utils import EXTERNAL_DATA_THRESHOLD
 from engines.ort.activations import uint8_activations
 from engines.ort.attention import fuse_decoder_attention
 from engines.ort.graph import PatternError
@@ -24,8 +27,18 @@ from engines.ort.weights import (
     lower_int8_weights,
     pack_qkv,
 )
+from engines.tensor_store import (
+    external_info,
+    is_external,
+    load_lazy,
+    new_writer,
+    save_streaming,
+    weight_bytes,
+)
 from runtime.contract import GraphName
 from runtime.errors import Blip2Error, require
+from runtime.integrity import atomic_write_text
+from runtime.manifest import MANIFEST_NAME, EngineRecord, file_record, load_manifest
 
 
 @dataclass
@@ -148,8 +161,6 @@ class _StreamedEngine:
     """A graph read without its weights (``src``) on its way to an engine file (``dst``)."""
 
     def __init__(self, src: str | Path, dst: str | Path):
-        from engines.onnx_utils import EXTERNAL_DATA_THRESHOLD
-        from engines.tensor_store import external_info, is_external, load_lazy, new_writer, weight_bytes
 
         self.dst = Path(dst)
         self.model = load_lazy(src)
@@ -161,7 +172,6 @@ class _StreamedEngine:
         self.writer = new_writer(self.dst) if self.share or weight_bytes(self.model) > self.threshold else None
 
     def save(self) -> list[str]:
-        from engines.tensor_store import save_streaming
 
         return save_streaming(self.model, self.dst, external_threshold=self.threshold, share=self.share,
                               writer=self.writer)
@@ -185,8 +195,6 @@ def _engine_int8_weights(model, int8: str, writer=None) -> dict:
     """Lower (``"nbits"``) and/or fold the weight-only int8 layers of ``model``, and lower its int4 blocks
     (:func:`engines.int4.lower_int4_weights`); return the manifest notes saying what was done (empty when
     the graph has no int8 or int4 weights). ``writer``: where new weights go as they are made."""
-    from engines.int4 import NBITS_ACCURACY_LEVEL as INT4_ACCURACY_LEVEL
-    from engines.int4 import lower_int4_weights
 
     lowered4 = lower_int4_weights(model, writer=writer)  # int4 blocks (int4 builds) always run as MatMulNBits bits=4
     lowered = lower_int8_weights(model, writer=writer) if int8 == "nbits" else 0
@@ -256,7 +264,6 @@ def attach_ort_engine(bundle_dir: str | Path, record, model_facts, *, warn=None,
     """
     import dataclasses
 
-    from runtime.manifest import EngineRecord, file_record
 
     kind = wants_engine(record)
     if kind is None:
@@ -296,8 +303,6 @@ def add_ort_engines(bundle: str | Path, precisions: tuple[str, ...] | None = Non
     """
     import dataclasses
 
-    from runtime.integrity import atomic_write_text
-    from runtime.manifest import MANIFEST_NAME, load_manifest
 
     bundle = Path(bundle)
     m = load_manifest(bundle)

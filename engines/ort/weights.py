@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from engines.ort.graph import GraphView, const_source, const_value, prune, toposort_append
+from engines.tensor_store import make_tensor
 
 INT8_MODES = ("fold", "nbits")
 
@@ -19,7 +20,6 @@ def fold_int8_weights(model, writer=None) -> int:
     per-step work; the step then reads fp32 weights. Returns the number of weights folded.
     ``writer`` (:class:`engines.tensor_store.DataWriter`): where each new weight goes as soon as it is made.
     """
-    from engines.tensor_store import make_tensor
 
     graph = model.graph
     g = GraphView(model)
@@ -70,7 +70,6 @@ def lower_int8_weights(model, *, block_size: int = NBITS_BLOCK, writer=None) -> 
     """
     from onnx import helper
 
-    from engines.tensor_store import make_tensor
 
     graph = model.graph
     g = GraphView(model)
@@ -144,7 +143,6 @@ def pack_qkv(model, writer=None) -> int:
     """
     from onnx import helper
 
-    from engines.tensor_store import make_tensor
 
     graph = model.graph
     g = GraphView(model)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from runtime.bundle_files import BundleFiles
 from runtime.errors import Blip2Error
 from runtime.manifest import KV_CONCAT, KV_SHARED, GraphRecord
 
@@ -186,7 +187,6 @@ class GraphSet:
         self._lock = threading.Lock()
 
     def get(self, name) -> GraphRunner:
-        from runtime.bundle_files import BundleFiles
 
         key = name.value
         if key not in self.loaded:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 
 from runtime.backends import RunnerFacts
+from runtime.bundle_files import BundleFiles
 from runtime.errors import Blip2Error, BundleError, MissingDependencyError
 from runtime.manifest import EngineRecord, GraphRecord
 
@@ -236,7 +237,6 @@ class TrtBackend:
         self.runtime: trt.Runtime = trt.Runtime(self.logger)
 
     def load(self, bundle: Path, record: GraphRecord, files=None) -> TrtGraph:
-        from runtime.bundle_files import BundleFiles
 
         engine_rec = select_engine(record, self.device)
         files = files or BundleFiles(bundle)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import Blip2Error, InputError, LimitError, require
+from runtime.pipeline import Blip2Runtime
 from runtime.serving.metrics import ServerMetrics
 from runtime.serving.protocol import (
     ApiError,
@@ -312,7 +313,6 @@ def create_app(rt, config: ServeConfig, *, echo=None):
 def serve(bundle: str | Path, config: ServeConfig, *, precision: str = "fp32", backend: str = "ort",
           echo=print, **backend_options) -> dict:
     """Load ``bundle`` and serve it until SIGTERM/SIGINT (which finish the requests in flight)."""
-    from runtime.pipeline import Blip2Runtime
 
     config = config.validate()
     rt = Blip2Runtime(bundle, precision=precision, backend=backend, timeout=config.timeout, **backend_options)
