@@ -334,3 +334,38 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny_bundle):
     assert done == [60] * 6, done  # every in-flight request finished, none twice
     assert rc in (0, -signal.SIGTERM)  # uvicorn ends by the signal once the requests are answered
     assert '"done": 6' in err
+
+
+def test_t5_bundles_run_on_the_serial_lane(tmp_path):
+    """An encoder-decoder bundle has no KV slots: its requests run one at a time through generate, with the
+    same queue, events and streaming."""
+    from blip2_export.export import ExportConfig, export_bundle
+    from blip2_export.modelzoo import make_random_checkpoint
+    from runtime.serving.scheduler import Request, Scheduler, SchedulerConfig
+
+    ck = make_random_checkpoint(tmp_path / "ckpt", "tiny", seed=0, llm="t5")
+    r = Blip2Runtime(export_bundle(ck, tmp_path / "bundle", ExportConfig(max_context=128), progress=False))
+    sched = Scheduler(r, SchedulerConfig(max_batch=4, max_queue=8)).start()
+    assert sched.cache is None
+    cfg = r.generation_config(max_new_tokens=8)
+    got: dict[int, list] = {i: [] for i in range(3)}
+    done = threading.Semaphore(0)
+
+    def listener(i):
+        def on_event(ev):
+            got[i].append(ev)
+            if ev.kind != "token":
+                done.release()
+        return on_event
+
+    for i in range(3):
+        pv = r.pixel_values([image(i)])
+        sched.submit(Request(pv, PROMPTS[i], r.encode_prompts([PROMPTS[i]], cfg)[0], cfg, listener(i)))
+    for _ in range(3):
+        assert done.acquire(timeout=60)
+    sched.close()
+    for i in range(3):
+        final = got[i][-1]
+        assert final.kind == "done"
+        assert final.text == alone(r, i, PROMPTS[i], max_new_tokens=8).text
+        assert "".join(e.text for e in got[i][:-1]) == final.text
