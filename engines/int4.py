@@ -363,7 +363,7 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
 def _output_error(w_nk: np.ndarray, wq_nk: np.ndarray, h: np.ndarray) -> float:
     """sum over rows of (w - wq) H (w - wq)^T: the squared output error on the calibration inputs."""
     d = (w_nk - wq_nk).astype(np.float64)
-    return float(np.einsum("nk,kj,nj->", d, h, d))
+    return float(np.sum((d @ h) * d))
 
 
 # -- the ORT engine: MatMulNBits ---------------------------------------------------------------------------
