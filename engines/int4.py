@@ -239,14 +239,19 @@ class InputHessians:
                 h = x.T @ x
                 self.held[n] = h if n not in self.held else self.held[n] + h
         self.passes += 1
+        if self.order[idx + len(group) - 1] == self.order[-1]:
+            self._release()  # the last group: the fp32 graph's session is not needed for the rest
         return self.held[name]
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._sess = None
-        self.held = {}
         if self._work is not None:
             self._work.cleanup()
             self._work = None
+
+    def close(self) -> None:
+        self.held = {}
+        self._release()
 
 
 # -- the transform -------------------------------------------------------------------------------------
