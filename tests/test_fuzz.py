@@ -141,6 +141,7 @@ def _load_and_run(bundle) -> str:
 # (an engine whose notes are incomplete is refused or not used), facts of other families, optional ranges.
 OPTIONAL_KEYS = ("source*", "versions*", "generation*", "graphs/*/*/notes*", "graphs/*/*/precision",
                  "graphs/*/*/external_data", "graphs/*/*/engines", "graphs/*/*/engines/*/profile*",
+                 "graphs/*/*/transform",  # manifests written before it: read from the notes
                  "model/decoder_start_token_id",
                  "model/embed_dim", "model/image_token_id", "dims/seq", "dims/past", "dims/total",
                  "files/tokenizer_config", "preprocess/do_*")
