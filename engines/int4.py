@@ -242,14 +242,19 @@ class InputHessians:
                 h = x.T @ x
                 self.held[n] = h if n not in self.held else self.held[n] + h
         self.passes += 1
+        if self.order[idx + len(group) - 1] == self.order[-1]:
+            self._release()  # the last group: the fp32 graph's session is not needed for the rest
         return self.held[name]
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._sess = None
-        self.held = {}
         if self._work is not None:
             self._work.cleanup()
             self._work = None
+
+    def close(self) -> None:
+        self.held = {}
+        self._release()
 
 
 # -- the transform -------------------------------------------------------------------------------------
@@ -364,7 +369,7 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
 def _output_error(w_nk: np.ndarray, wq_nk: np.ndarray, h: np.ndarray) -> float:
     """sum over rows of (w - wq) H (w - wq)^T: the squared output error on the calibration inputs."""
     d = (w_nk - wq_nk).astype(np.float64)
-    return float(np.einsum("nk,kj,nj->", d, h, d))
+    return float(np.sum((d @ h) * d))
 
 
 # -- the ORT engine: MatMulNBits ---------------------------------------------------------------------------

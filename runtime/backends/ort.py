@@ -223,7 +223,7 @@ class OrtBackend:
 
         The graph is parsed and walked (:mod:`runtime.graph_check`) before ORT sees it; its external data
         comes from the listed files, read once and checked, and reaches ORT from memory."""
-        if record.precision == "fp16" and self.providers == ["CPUExecutionProvider"] and _x86() \
+        if record.transform_spec.name == "fp16" and self.providers == ["CPUExecutionProvider"] and _x86() \
                 and not self._fp16_warned:
             import warnings
 
