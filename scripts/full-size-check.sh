@@ -63,6 +63,31 @@ step build_int8 "$PY" -m blip2_export.cli build "$BUNDLE" --precision int8 --cal
 step parity_fp32 "$PY" -m blip2_export.cli parity "$CKPT" "$BUNDLE" --images "$IMAGES" \
   --max-new-tokens "$NEW_TOKENS" --report "$WORK/parity.json"
 step run_int8 "$PY" -m blip2_export.cli run "$BUNDLE" --precision int8 -i "$IMAGES/0.png" --json
+for prec in fp32 int8; do  # load time, first-token latency and decode speed, one process per precision
+  step "speed_$prec" "$PY" - "$BUNDLE" "$prec" "$IMAGES/0.png" "$WORK/speed_$prec.json" <<'EOF2'
+import json
+import sys
+import time
+
+from runtime.contract import GraphName
+from runtime.pipeline import Blip2Runtime
+from runtime.preprocess import load_image
+
+bundle, prec, image, out = sys.argv[1:5]
+t0 = time.perf_counter()
+rt = Blip2Runtime(bundle, precision=prec)
+for name in rt.manifest.required_graphs():
+    rt.graph(GraphName(name))
+load = time.perf_counter() - t0
+img = load_image(image)
+stamps = []
+t1 = time.perf_counter()
+rt.generate(images=[img], max_new_tokens=32, min_new_tokens=32, stream=lambda step, toks: stamps.append(time.perf_counter()))
+first = stamps[0] - t1
+rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+json.dump({"load_s": load, "first_token_s": first, "tokens_per_s": rate}, open(out, "w"))
+EOF2
+done
 
 "$PY" - "$CKPT" "$BUNDLE" "$ROWS" "$WORK" "$VISION_LAYERS" "$QFORMER_LAYERS" "$LLM_LAYERS" <<'EOF'
 import json
@@ -100,9 +125,13 @@ for line in rows.read_text().splitlines():
     name, secs, kb = line.split("\t")
     rss = int(kb) * 1024
     lines.append(f"| {name} | {float(secs):.0f} | {gb(rss)} | {rss / ckpt_bytes:.2f} |")
-lines += ["", "| precision | bundle files (GB) | / fp32 checkpoint |", "|---|---|---|"]
+lines += ["", "| precision | bundle files (GB) | / fp32 checkpoint | load (s) | first token (s) | tokens/s |",
+          "|---|---|---|---|---|---|"]
 for p, n in prec_bytes.items():
-    lines.append(f"| {p} | {gb(n)} | {n / ckpt_bytes:.2f} |")
+    sp = work / f"speed_{p}.json"
+    v = json.loads(sp.read_text()) if sp.is_file() else {}
+    cells = [f"{v[k]:.2f}" if k in v else "-" for k in ("load_s", "first_token_s", "tokens_per_s")]
+    lines.append(f"| {p} | {gb(n)} | {n / ckpt_bytes:.2f} | " + " | ".join(cells) + " |")
 total = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file())
 lines += ["", f"whole bundle on disk: {gb(total)} GB; parity fp32 token agreement: {agree}"]
 text = "\n".join(lines)
