@@ -279,10 +279,10 @@ def test_unreadable_calibration_image_leaves_bundle_untouched(bundle_copy, tmp_p
 
 
 def test_crash_while_writing_graphs_leaves_bundle_untouched(bundle_copy, monkeypatch):
-    import engines.onnx_utils as ou
+    import engines.build as eb
 
     calls = []
-    real = ou.save_model_atomic
+    real = eb.save_model_atomic  # how build writes each transformed graph
 
     def flaky(model, path, **kw):
         calls.append(path)
@@ -290,7 +290,7 @@ def test_crash_while_writing_graphs_leaves_bundle_untouched(bundle_copy, monkeyp
             raise KeyboardInterrupt
         return real(model, path, **kw)
 
-    monkeypatch.setattr(ou, "save_model_atomic", flaky)
+    monkeypatch.setattr(eb, "save_model_atomic", flaky)
     before = {p.name: p.read_bytes() for p in bundle_copy.iterdir()}
     with pytest.raises(KeyboardInterrupt):
         build_bundle(bundle_copy, BuildConfig(precision="fp16", backend="ort"), progress=False)
