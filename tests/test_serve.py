@@ -92,9 +92,12 @@ def test_concurrent_requests_each_get_their_own_greedy_answer(server, rt):
     steps_before = metric(server.base, "blip2_batch_size_count")
     multi_before = metric(server.base, "blip2_batch_size_bucket", 'le="1.0"')
 
+    start = threading.Barrier(len(jobs))
+
     def call(job):
         seed, prompt, n = job
-        time.sleep(0.01 * seed)
+        start.wait()  # all at once, then a millisecond apart: they arrive while others decode
+        time.sleep(0.001 * seed)
         r = client.chat.completions.create(model="tiny", messages=messages(data_url(image(seed)), prompt),
                                            max_tokens=n, temperature=0)
         got[seed] = r.choices[0].message.content
