@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.tensor_store import INLINE_MAX, DataWriter
+from engines.tensor_store import DataWriter, make_tensor
 from runtime.errors import Blip2Error
 
 # Ops whose result the folding computes once when every input is a constant (as torch's exporter does
@@ -234,8 +234,7 @@ def export_onnx_streaming(module, args: tuple, io, path: Path, opset: int, exter
     try:
         for name, nbytes, compute in plan:
             arr = compute()
-            t = onnx.numpy_helper.from_array(np.ascontiguousarray(arr), name) \
-                if (writer is None or arr.nbytes < INLINE_MAX) else _external_tensor(writer, name, arr)
+            t = make_tensor(arr, name, writer)  # small ones inline, large ones straight to the data file
             del arr
             proto.graph.initializer.append(t)
         if writer is not None:
@@ -316,17 +315,6 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-
-
-def _external_tensor(writer, name: str, arr: np.ndarray):
-    from onnx import TensorProto, helper
-
-    t = TensorProto()
-    t.name = name
-    t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
-    t.dims.extend(arr.shape)
-    writer.append(t, arr)
-    return t
 
 
 def fold_weights(model, sources: dict[str, Callable[[], np.ndarray]]) -> list[tuple[str, int, Callable]]:
