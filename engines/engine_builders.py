@@ -21,6 +21,7 @@ from engines.trt_builder import build_engines  # imports tensorrt: only where it
 from runtime.backends.trt import require_tensorrt, tensorrt_status
 from runtime.contract import GraphName
 from runtime.manifest import DimRange, GraphRecord, Manifest
+from runtime.registry import Registry
 
 
 @dataclass
@@ -93,12 +94,11 @@ class TrtEngineBuilder:
                              taken=job.taken)
 
 
-ENGINE_BUILDERS: dict[str, EngineBuilder] = {}
+ENGINE_BUILDERS: Registry[str, EngineBuilder] = Registry("engine builder", lambda b: b.name)
 
 
 def register_engine_builder(builder: EngineBuilder) -> EngineBuilder:
-    ENGINE_BUILDERS[builder.name] = builder
-    return builder
+    return ENGINE_BUILDERS.register(builder)
 
 
 def auto_builder() -> str:

@@ -21,6 +21,7 @@ from runtime.encoder_decoder import EncoderDecoderModel
 from runtime.errors import Blip2Error, LimitError
 from runtime.generation import StepModel
 from runtime.manifest import Manifest
+from runtime.registry import Registry
 
 
 class TextRuntime(Protocol):
@@ -47,22 +48,16 @@ class RuntimeFamily:
     check_prompt: PromptCheck | None = None  # does a prompt (+ what is generated) fit the graphs' ranges?
 
 
-_REGISTRY: dict[Family, RuntimeFamily] = {}
+RUNTIME_FAMILIES: Registry[Family, RuntimeFamily] = Registry(
+    "bundle family", lambda spec: spec.family, hint="this runtime runs the families listed; upgrade blip2-export")
 
 
 def register_runtime_family(spec: RuntimeFamily) -> RuntimeFamily:
-    if spec.family in _REGISTRY and _REGISTRY[spec.family] != spec:
-        raise ValueError(f"runtime family {spec.family.value!r} is registered twice")
-    _REGISTRY[spec.family] = spec
-    return spec
+    return RUNTIME_FAMILIES.register(spec)
 
 
 def runtime_family(family: Family) -> RuntimeFamily:
-    try:
-        return _REGISTRY[family]
-    except KeyError:
-        raise Blip2Error(f"this runtime cannot run a {family.value} bundle; it knows "
-                         f"{', '.join(f.value for f in _REGISTRY)}", hint="upgrade blip2-export") from None
+    return RUNTIME_FAMILIES.find(family)
 
 
 def step_model(rt: TextRuntime, prefix: np.ndarray, prompt_ids: list[list[int]],

@@ -109,3 +109,9 @@ def test_build_backend_auto_takes_the_first_engine_builder_that_can_build_here(m
     monkeypatch.setattr(TrtEngineBuilder, "unavailable", lambda self: None)
     assert BuildConfig(precision="int8").resolved_backend() == "trt"
     assert BuildConfig(precision="int8", backend="ort").resolved_backend() == "ort"
+
+
+def test_a_second_backend_under_a_registered_name_is_refused():
+    with pytest.raises(ValueError, match="backend 'ort' is registered twice"):
+        register_backend(BackendSpec("ort", "another ort", f"{__name__}:RenamedOrt", extra="cpu"))
+    assert create_backend("ort").__class__ is OrtBackend  # the registered one still answers

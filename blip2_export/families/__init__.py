@@ -17,18 +17,16 @@ from blip2_export.families.retrieval import RetrievalFamily, retrieval_facts
 from blip2_export.modelzoo import load_checkpoint, load_checkpoint_lazy
 from runtime.contract import Family
 from runtime.errors import Blip2Error
+from runtime.registry import Registry
 
 __all__ = ["FAMILIES", "FamilyAdapter", "GraphPlan", "family_of", "generation_ids", "load_for_export",
            "model_facts", "register_family", "retrieval_facts"]
 
-FAMILIES: dict[Family, FamilyAdapter] = {}
+FAMILIES: Registry[Family, FamilyAdapter] = Registry("family", lambda adapter: adapter.family)
 
 
 def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
-    if adapter.family in FAMILIES and type(FAMILIES[adapter.family]) is not type(adapter):
-        raise ValueError(f"family {adapter.family.value!r} is registered twice")
-    FAMILIES[adapter.family] = adapter
-    return adapter
+    return FAMILIES.register(adapter)
 
 
 def family_of(model) -> FamilyAdapter:
@@ -37,7 +35,7 @@ def family_of(model) -> FamilyAdapter:
         if adapter.matches(model):
             return adapter
     raise Blip2Error(f"no registered family exports a {type(model).__name__}; known: "
-                     f"{', '.join(f.value for f in FAMILIES)}", hint="see docs/architecture.md: add a family")
+                     f"{', '.join(FAMILIES.names())}", hint="see docs/architecture.md: add a family")
 
 
 def load_for_export(checkpoint: str | Path | None, model_and_tokenizer=None, *, lazy: bool = True):

@@ -16,8 +16,10 @@ import numpy as np
 from runtime.bundle_files import BundleFiles
 from runtime.errors import Blip2Error
 from runtime.manifest import KV_CONCAT, KV_SHARED, GraphRecord
+from runtime.registry import Registry
 
-__all__ = ["KV_CONCAT", "KV_SHARED", "Backend", "BackendSpec", "GraphRunner", "GraphSet", "KvBinding", "RunnerFacts",
+__all__ = ["BACKEND_REGISTRY", "KV_CONCAT", "KV_SHARED", "Backend", "BackendSpec", "GraphRunner", "GraphSet",
+           "KvBinding", "RunnerFacts",
            "RunnerWrapper", "backend_help", "backend_names", "backend_spec", "create_backend", "register_backend",
            "unregister_backend"]
 
@@ -119,33 +121,27 @@ class BackendSpec:
     notes: dict = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, BackendSpec] = {}
+BACKEND_REGISTRY: Registry[str, BackendSpec] = Registry("backend", lambda s: s.name)
 
 
 def register_backend(spec: BackendSpec) -> BackendSpec:
-    if spec.name in _REGISTRY and _REGISTRY[spec.name] != spec:
-        raise ValueError(f"backend {spec.name!r} is registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return BACKEND_REGISTRY.register(spec)
 
 
 def unregister_backend(name: str) -> None:
-    _REGISTRY.pop(name, None)
+    BACKEND_REGISTRY.unregister(name)
 
 
 def backend_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    return BACKEND_REGISTRY.names()
 
 
 def backend_spec(name: str) -> BackendSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise Blip2Error(f"unknown backend {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+    return BACKEND_REGISTRY.find(name)
 
 
 def backend_help() -> str:
-    return "; ".join(f"{s.name}: {s.summary}" for s in _REGISTRY.values())
+    return "; ".join(f"{s.name}: {s.summary}" for s in BACKEND_REGISTRY.values())
 
 
 def create_backend(name: str = "ort", **options) -> Backend:
