@@ -150,6 +150,11 @@ def _engine_backends() -> tuple[str, ...]:
               help="int8: how activation ranges are taken from calibration data.")
 @click.option("--calib-percentile", default=99.99, show_default=True, help="int8 percentile calibration: cut-off.")
 @click.option("--calib-limit", default=64, show_default=True, help="int8: use at most this many images.")
+@click.option("--int8-tolerance", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="int8, int4: calibrated graphs (vision, Q-Former) keep whole transformer blocks in float, "
+                   "from the last block back (at most half of them), until their output error on the "
+                   "calibration images is at most this (relative L2; each step is one more quantization "
+                   "pass). 0: quantize every linear layer.")
 @click.option("--llm-int8", default="weight", show_default=True, type=click.Choice(["weight", "static"]),
               help="int8 LLM graphs: weight-only int8 (faster decode, no int8 KV/attention) or calibrated Q/DQ.")
 @click.option("--ort-int8", default="nbits", show_default=True, type=click.Choice(["nbits", "fold"]),
@@ -179,6 +184,7 @@ def _engine_backends() -> tuple[str, ...]:
               help="int4: vision and Q-Former as calibrated int8 (CPUs) or fp16 (GPUs).")
 @click.option("--force", is_flag=True, help="Redo the ONNX transform even if the bundle has this precision.")
 def build(bundle, precision, backend, calib_images, calib_prompts, calib_method, calib_percentile, calib_limit,
+          int8_tolerance,
           llm_int8, ort_int8, ort_kv_cache, max_batch, max_context, timing_cache, workspace_mb, int4_block,
           int4_method, int4_lm_head, int4_vision, force):
     """Add --precision graphs (and TensorRT engines) to BUNDLE, in place.
@@ -201,7 +207,7 @@ def build(bundle, precision, backend, calib_images, calib_prompts, calib_method,
     cfg = BuildConfig(precision=precision, backend=backend, max_batch=max_batch, max_context=max_context,
                       timing_cache=timing_cache, workspace_mb=workspace_mb, calib_images=calib_images,
                       calib_prompts=calib_prompts, calib_method=calib_method, calib_percentile=calib_percentile,
-                      calib_limit=calib_limit, llm_int8=llm_int8, ort_int8=ort_int8,
+                      calib_limit=calib_limit, int8_tolerance=int8_tolerance, llm_int8=llm_int8, ort_int8=ort_int8,
                       ort_kv_cache=ort_kv_cache, int4_block=int(int4_block), int4_method=int4_method,
                       int4_lm_head=int4_lm_head, int4_vision=int4_vision, force=force)
     cfg.validate()

@@ -69,6 +69,9 @@ class BuildConfig:
     calib_method: str = "percentile"
     calib_percentile: float = 99.99
     calib_limit: int = 64  # images used at most
+    # calibrated graphs: keep blocks float, last first, until the output error on the calibration
+    # feeds is at most this (relative L2); 0 quantizes every linear layer
+    int8_tolerance: float = 0.05
     llm_int8: str = "weight"  # LLM graphs: weight-only int8 ("weight") or calibrated Q/DQ ("static")
     ort_int8: str = "nbits"  # ORT decoder engine of int8 weights: MatMulNBits ("nbits") or fp32 copies ("fold")
     ort_kv_cache: str = "int8"  # ORT int8 decoder engine's KV cache: "int8" (calibrated scales) or "fp32"
@@ -106,6 +109,9 @@ class BuildConfig:
                              f"{', '.join(m.value for m in CalibMethod)}")
         if not 90.0 <= self.calib_percentile < 100.0:
             raise Blip2Error(f"--calib-percentile must be in [90, 100) (got {self.calib_percentile})")
+        if not 0.0 <= self.int8_tolerance < 1.0:
+            raise Blip2Error(f"--int8-tolerance must be in [0, 1) (got {self.int8_tolerance})",
+                             hint="e.g. 0.05 (5% output error); 0 quantizes every linear layer")
 
         if self.ort_int8 not in INT8_MODES:
             raise Blip2Error(f"--ort-int8 {self.ort_int8!r} is not one of {', '.join(INT8_MODES)}")
@@ -198,6 +204,7 @@ class BuildReport:
     transformed: bool
     sizes: list[GraphSize] = field(default_factory=list)
     engines: list[str] = field(default_factory=list)
+    fallbacks: dict[str, dict] = field(default_factory=dict)  # graph -> notes["float_fallback"]
 
     def render(self) -> str:
         lines = [f"built {self.precision} for {self.backend} in {self.bundle}"
@@ -212,6 +219,14 @@ class BuildReport:
                          f"{total / total32:6.2f}")
         for e in self.engines:
             lines.append(f"  engine {e}")
+        for g, fb in self.fallbacks.items():
+            kept = len(fb["float_blocks"])
+            what = (f"{kept} of {fb['blocks']} blocks kept float ({', '.join(fb['float_blocks'])})" if kept
+                    else "every block int8")
+            lines.append(f"  {g}: {what}; output error {fb['error_all_int8']:.4f} all int8 -> {fb['error']:.4f}, "
+                         f"tolerance {fb['tolerance']}" + ("" if fb["met"] else
+                                                          " NOT MET (at most half the blocks go float): check "
+                                                          "with 'blip2-export parity'"))
         return "\n".join(lines)
 
 
@@ -265,6 +280,8 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
         fp32 = final.graphs["fp32"].get(name)
         report.sizes.append(GraphSize(prec, name, rec.file, graph_bytes(bundle, rec),
                                       graph_bytes(bundle, fp32) if fp32 else 0))
+        if transformed and "float_fallback" in rec.notes:
+            report.fallbacks[name] = rec.notes["float_fallback"]
     return report
 
 
@@ -338,7 +355,8 @@ def _int8_static(job: TransformJob) -> tuple[object, dict]:
     if job.calib.count(job.name) == 0:
         raise BundleError(f"calibration recorded no inputs for graph {job.name!r}")
     r8 = quantize_static_graph(job.src, job.name, job.io, job.calib.feeds.get(job.name, []),  # type: ignore[arg-type]
-                               CalibMethod(job.config.calib_method), job.config.calib_percentile, progress=False)
+                               CalibMethod(job.config.calib_method), job.config.calib_percentile, progress=False,
+                               tolerance=job.config.int8_tolerance)
     return r8.model, r8.notes
 
 

@@ -161,7 +161,7 @@ PRECISIONS: dict[str, PrecisionSpec] = {p.name: p for p in (
         ort=EngineRecipe(True, "uint8 activation pairs; LLM weights as MatMulNBits bits=8 (or folded); int8 KV"),
         trt=EngineRecipe(True, "strongly typed engines from the Q/DQ graphs"),
         choices={Role.LLM: RoleChoice("llm_int8", "--llm-int8", {"weight": "int8-weight", "static": "int8-static"})},
-        flags=("--calib-images", "--calib-prompts", "--calib-method", "--calib-percentile", "--calib-limit",
+        flags=("--calib-images", "--calib-prompts", "--calib-method", "--calib-percentile", "--calib-limit", "--int8-tolerance",
                "--llm-int8", "--ort-int8", "--ort-kv-cache"),
     ),
     PrecisionSpec(
@@ -173,7 +173,7 @@ PRECISIONS: dict[str, PrecisionSpec] = {p.name: p for p in (
         trt=EngineRecipe(True, "strongly typed engines; int4 weights through blockwise DequantizeLinear (opset 21)"),
         choices={Role.VISION: _INT4_VISION, Role.QFORMER: _INT4_VISION, Role.RETRIEVAL: _INT4_VISION,
                  Role.LLM: RoleChoice("int4_method", "--int4-method", {"gptq": "int4-gptq", "rtn": "int4-rtn"})},
-        flags=("--calib-images", "--calib-prompts", "--calib-method", "--calib-percentile", "--calib-limit",
+        flags=("--calib-images", "--calib-prompts", "--calib-method", "--calib-percentile", "--calib-limit", "--int8-tolerance",
                "--int4-block", "--int4-method", "--int4-lm-head", "--int4-vision", "--ort-kv-cache"),
     ),
 )}

@@ -315,3 +315,64 @@ def test_fp16_on_an_x86_cpu_says_it_runs_as_fp32_once(built, tmp_path, capsys):
         assert code == 0 and len(warnings) == expected, (precision, err)
         if expected:
             assert "runs as fp32" in warnings[0] and "--precision fp32" in warnings[0]
+
+
+# -- accuracy-aware fallback (--int8-tolerance) ----------------------------------------------------
+@pytest.fixture(scope="module")
+def vision_calibration(tiny_bundle, tmp_path_factory):
+    from engines.calibration import collect, list_calibration_images
+
+    calib = write_calibration_images(tmp_path_factory.mktemp("fallback-calib"), n=4)
+    cal = collect(tiny_bundle, list_calibration_images(calib), ("",), decode_steps=1)
+    return cal.feeds["vision"]
+
+
+def _quantize_vision(tiny_bundle, feeds, tolerance):
+    from engines.int8 import CalibMethod, quantize_static_graph
+
+    io = load_manifest(tiny_bundle).graph("vision", "fp32").io
+    return quantize_static_graph(tiny_bundle / "vision.onnx", "vision", io, feeds, CalibMethod.MINMAX,
+                                 tolerance=tolerance)
+
+
+def test_linear_blocks_follow_the_transformer_blocks(tiny_bundle):
+    import onnx
+
+    from engines.int8 import QUANT_OPS, linear_blocks
+
+    model = onnx.load(str(tiny_bundle / "vision.onnx"))
+    nodes = [n.name for n in model.graph.node if n.op_type in QUANT_OPS]
+    blocks = linear_blocks(model, nodes)
+    assert sorted(sum(blocks, [])) == sorted(nodes)
+    assert blocks[0] == [n for n in nodes if "patch_embedding" in n]  # outside any block: a group of its own
+    layers = blocks[1:]
+    assert len(layers) >= 2
+    for i, b in enumerate(layers):  # in graph order, each holding only its own block's layers
+        assert all(f"/layers.{i}/" in n for n in b), b
+
+
+def test_int8_fallback_keeps_the_last_blocks_float(tiny_bundle, vision_calibration):
+    """Beyond reach (tolerance 1e-9): half the blocks, the last ones, go back to float and the output
+    error falls; with tolerance 0 every linear layer is quantized and nothing is recorded."""
+    import onnx
+
+    from engines.int8 import QUANT_OPS, linear_blocks
+
+    plain = _quantize_vision(tiny_bundle, vision_calibration, 0.0)
+    assert "float_fallback" not in plain.notes
+    strict = _quantize_vision(tiny_bundle, vision_calibration, 1e-9)
+    fb = strict.notes["float_fallback"]
+    assert fb["met"] is False and fb["error"] < fb["error_all_int8"]
+    model = onnx.load(str(tiny_bundle / "vision.onnx"))
+    blocks = linear_blocks(model, [n.name for n in model.graph.node if n.op_type in QUANT_OPS])
+    half = len(blocks) // 2
+    assert fb["blocks"] == len(blocks) and len(fb["float_blocks"]) == half
+    assert [f"{k}/" for k in fb["float_blocks"]] == [b[0][:len(k) + 1] for k, b in zip(fb["float_blocks"],
+                                                                                    blocks[-half:])]
+    assert strict.notes["linear_layers_quantized"] < plain.notes["linear_layers_quantized"]
+    assert strict.notes["quantize_linear_nodes"] < plain.notes["quantize_linear_nodes"]
+    assert set(strict.notes["kept_float32"]["nodes"]) >= set(sum(blocks[-half:], []))
+    # within reach: nothing goes back to float
+    loose = _quantize_vision(tiny_bundle, vision_calibration, 0.9).notes["float_fallback"]
+    assert loose["met"] is True and loose["float_blocks"] == []
+    assert loose["error"] == loose["error_all_int8"] == fb["error_all_int8"]
