@@ -177,6 +177,55 @@ def test_move_to_moves_every_nested_tensor():
     assert dev.move_to(batch, cpu)["ids"] is t  # already there: no copy
 
 
+def test_training_forwards_make_their_tensors_on_the_model_device(monkeypatch):
+    """Stage 1, stage 2 (OPT) and fine-tune forwards with model and batch on ``meta``: a tensor made on the
+    CPU inside them (a mask, a target, the image-token prefix) meets a meta tensor and raises, as it would
+    meet a CUDA tensor on a GPU."""
+    import dataclasses
+
+    import transformers.masking_utils as mu
+
+    from blip2_export.modelzoo import load_checkpoint
+    from trainer.finetune import FinetuneConfig, FinetuneModel
+    from trainer.models import TRAINER_SPEC, Stage1, Stage2, make_tokenizer, tokenize
+
+    # transformers drops an all-ones attention mask after reading its values on the host, which a meta
+    # tensor cannot give; without that shortcut the same masks are built on the device
+    for name in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa"):
+        monkeypatch.setattr(mu, name, lambda *a, **k: False, raising=False)
+    meta = torch.device("meta")
+    spec = dataclasses.replace(TRAINER_SPEC, **{k: int(v) for k, v in (s.split("=") for s in SIZES)})
+    words = ["a", "red", "circle", "circles", "on", "the", "left", "two", "large"]
+    captions = ["a red circle on the left", "two large red circles", "a circle", "the left"]
+
+    def batch(tok):
+        ids, att = tokenize(tok, captions, eos=True)
+        return dev.move_to({"pixel_values": torch.randn(4, 3, 32, 32), "input_ids": ids, "attention_mask": att},
+                           meta)
+
+    tok = make_tokenizer(words, "qformer")
+    s1 = Stage1(spec, tok, ("itc", "itg")).to(meta).train()
+    b = batch(tok)
+    loss, metrics = s1(**b)
+    assert loss.device == meta and set(metrics) == {"itc", "itg"}
+    itm = s1.itm_logits(s1.image_embeds(b["pixel_values"]), b["input_ids"], b["attention_mask"])
+    assert itm.device == meta and itm.shape == (4, 2)
+
+    tok = make_tokenizer(words, "opt")
+    loss, _ = Stage2(spec, tok).to(meta).train()(**batch(tok))
+    assert loss.device == meta
+
+    blip, tok, _ = load_checkpoint(DEMO)
+    ft = FinetuneModel(blip, FinetuneConfig(init=str(DEMO), data=str(DEMO))).to(meta).train()
+    ids, att = tokenize(tok, captions, eos=True)
+    labels = ids.masked_fill(att == 0, -100)
+    labels[:, :2] = -100  # a two-token prompt
+    fb = dev.move_to({"pixel_values": torch.randn(4, 3, 64, 64), "input_ids": ids, "attention_mask": att,
+                      "labels": labels}, meta)
+    loss, _ = ft(**fb)
+    assert loss.device == meta
+
+
 def test_precision_and_autocast_factory_per_device_type():
     # the decision, for each device type and capability (no CUDA needed: the capability is an argument)
     assert dev.autocast_dtype("auto", "cuda", bf16_ok=True) is torch.bfloat16
