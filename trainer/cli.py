@@ -15,7 +15,8 @@ or step by step:
     blip2-train eval --data runs/data --stage1 runs/s1/model --stage2 runs/s2/model
     blip2-train finetune --init ./blip2-opt-2.7b --data ./my-photos --out runs/ft   # your own data
 
-Every training command runs as one process or under torchrun (DDP over gloo on CPU), e.g.
+Every training command runs on the CPU or a GPU (``--device auto|cpu|cuda|cuda:N``), as one process or
+under torchrun (DDP over gloo on CPU, NCCL on GPUs), e.g.
 ``torchrun --nproc_per_node 2 -m trainer.cli stage1 ...``, and continues after a kill with
 ``--resume latest``.
 
@@ -65,7 +66,10 @@ def loop_options(f):
                      help="Decoupled weight decay (not on biases, norms, query tokens)."),
         click.option("--clip", default=1.0, show_default=True, help="Gradient-norm clip (0: off)."),
         click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-                     help="auto: bf16 autocast where the CPU has bf16 instructions."),
+                     help="auto: bf16 autocast where the GPU has bf16 (Ampere+) or the CPU has bf16 instructions."),
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                     help="Where to train. auto: cuda when torch sees a GPU, else cpu. Under torchrun each "
+                          "process takes cuda:LOCAL_RANK."),
         click.option("--eval-every", default=0, show_default=True, help="Evaluate on val every N steps (0: end only)."),
         click.option("--ckpt-every", default=50, show_default=True, help="Write checkpoints/latest.pt every N steps."),
         click.option("--resume", default=None, help="'latest' (continue this --out after a kill) or a .pt path."),
@@ -79,13 +83,19 @@ def loop_options(f):
 
 
 def _loop_config(kw: dict):
-    from trainer.train import LoopConfig
+    """The loop's config from the shared options, validated before the command loads any data or model
+    (``--device cuda`` on a machine without CUDA fails here)."""
+    from trainer.train import LoopConfig, launch_env
 
-    return LoopConfig(out=kw.pop("out"), steps=kw.pop("steps"), batch_size=kw.pop("batch_size"),
-                      grad_accum=kw.pop("grad_accum"), lr=kw.pop("lr"), warmup=kw.pop("warmup"),
-                      weight_decay=kw.pop("weight_decay"), clip=kw.pop("clip"), precision=kw.pop("precision"),
-                      eval_every=kw.pop("eval_every"), ckpt_every=kw.pop("ckpt_every"), resume=kw.pop("resume"),
-                      seed=kw.pop("seed"), threads=kw.pop("threads"), progress=not kw.pop("no_progress"))
+    cfg = LoopConfig(out=kw.pop("out"), steps=kw.pop("steps"), batch_size=kw.pop("batch_size"),
+                     grad_accum=kw.pop("grad_accum"), lr=kw.pop("lr"), warmup=kw.pop("warmup"),
+                     weight_decay=kw.pop("weight_decay"), clip=kw.pop("clip"), precision=kw.pop("precision"),
+                     device=kw.pop("device"), eval_every=kw.pop("eval_every"), ckpt_every=kw.pop("ckpt_every"),
+                     resume=kw.pop("resume"), seed=kw.pop("seed"), threads=kw.pop("threads"),
+                     progress=not kw.pop("no_progress"))
+    _, world, local_rank = launch_env()
+    cfg.validate(world, local_rank)
+    return cfg
 
 
 def _run(task, cfg) -> None:
@@ -232,7 +242,7 @@ def finetune(init, data_dir, train_part, unfreeze_vision_blocks, grad_checkpoint
     """
     from trainer.dataset_check import check_jsonl
     from trainer.finetune import FinetuneConfig, FinetuneTask
-    from trainer.train import setup_distributed
+    from trainer.train import launch_env
 
     cfg = _loop_config(kw)
     ft = FinetuneConfig(init=init, data=data_dir, train_part=train_part,
@@ -242,7 +252,7 @@ def finetune(init, data_dir, train_part, unfreeze_vision_blocks, grad_checkpoint
                         seed=cfg.seed)
     ft.validate()
     report = check_jsonl(Path(data_dir) / "train.jsonl")
-    if setup_distributed()[0] == 0:
+    if launch_env()[0] == 0:
         for line in report.lines():
             click.echo(line, err=bool(report.problems))
         if report.problems and skip_bad:
@@ -315,15 +325,20 @@ def corrupt(data_dir, split, fraction, limit, seed, out):
 @click.option("--capfilt", "with_capfilt", is_flag=True, help="Also measure CapFilt on a 30%-noisy training subset.")
 @click.option("--quick", is_flag=True, help="Tiny sizes and few steps: checks the plumbing in about a minute.")
 @click.option("--threads", default=1, show_default=True)
-def recipe(out, t5, ablations, with_capfilt, quick, threads):
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+              help="Where the stages train (the test scoring runs on the CPU).")
+def recipe(out, t5, ablations, with_capfilt, quick, threads, device):
     """The full offline recipe: data -> unimodal -> stage 1 -> stage 2 -> test scores (OUT/report.json).
 
     Re-running continues where it stopped: finished stages are kept, a killed one resumes from its
     latest checkpoint.
     """
+    from trainer.device import resolve_device
     from trainer.recipe import run_recipe
 
-    report = run_recipe(out, t5=t5, ablations=ablations, capfilt=with_capfilt, quick=quick, threads=threads)
+    resolve_device(device)  # before any stage starts
+    report = run_recipe(out, t5=t5, ablations=ablations, capfilt=with_capfilt, quick=quick, threads=threads,
+                        device=device)
     click.echo(json.dumps(report, indent=2))
 
 

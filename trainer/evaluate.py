@@ -55,25 +55,33 @@ def caption_scores(predicted: list[str], references: list[str]) -> dict[str, flo
     return scores
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def stage1_features(stage1, pixel_values, input_ids, attention_mask, batch_size: int = 250):
+    """Image embeddings, query features and text features, computed on the model's device, returned on the CPU."""
+    dev = _device(stage1)
     embeds, img, txt = [], [], []
     for i in range(0, pixel_values.shape[0], batch_size):
-        e = stage1.image_embeds(pixel_values[i:i + batch_size])
-        embeds.append(e)
-        img.append(stage1.query_features(e))
-        txt.append(stage1.text_features(input_ids[i:i + batch_size], attention_mask[i:i + batch_size]))
+        e = stage1.image_embeds(pixel_values[i:i + batch_size].to(dev))
+        embeds.append(e.cpu())
+        img.append(stage1.query_features(e).cpu())
+        txt.append(stage1.text_features(input_ids[i:i + batch_size].to(dev),
+                                        attention_mask[i:i + batch_size].to(dev)).cpu())
     return torch.cat(embeds), torch.cat(img), torch.cat(txt)
 
 
 @torch.no_grad()
 def itm_scores(stage1, image_embeds, input_ids, attention_mask, batch_size: int = 250) -> torch.Tensor:
-    """P(match) for aligned rows of images and texts."""
+    """P(match) for aligned rows of images and texts (on the CPU; the model runs on its device)."""
+    dev = _device(stage1)
     out = []
     for i in range(0, image_embeds.shape[0], batch_size):
-        logits = stage1.itm_logits(image_embeds[i:i + batch_size], input_ids[i:i + batch_size],
-                                   attention_mask[i:i + batch_size])
-        out.append(logits.float().softmax(-1)[:, 1])
+        logits = stage1.itm_logits(image_embeds[i:i + batch_size].to(dev), input_ids[i:i + batch_size].to(dev),
+                                   attention_mask[i:i + batch_size].to(dev))
+        out.append(logits.float().softmax(-1)[:, 1].cpu())
     return torch.cat(out)
 
 

@@ -157,7 +157,7 @@ class FinetuneModel(nn.Module):
     def forward(self, pixel_values, input_ids, attention_mask, labels, decoder_input_ids=None,
                 decoder_attention_mask=None):
         B = input_ids.shape[0]
-        img = torch.full((B, self.Q), self.image_id, dtype=input_ids.dtype)
+        img = torch.full((B, self.Q), self.image_id, dtype=input_ids.dtype, device=input_ids.device)
         inp = torch.cat([img, input_ids], 1)
         mask = torch.cat([torch.ones_like(img), attention_mask], 1)
         if self.decoder_only:
@@ -296,6 +296,7 @@ def generate_answers(blip, tokenizer, processor, samples: list[Sample], cfg: Fin
     """Greedy outputs for ``samples`` with their prompts, in batches of equal prompt length (no padding)."""
 
     blip.eval()
+    device = blip.device
     Q, image_id = blip.config.num_query_tokens, blip.config.image_token_index
     prompts = [tokenizer(cfg.prompt(s)).input_ids for s in samples]
     groups: dict[int, list[int]] = {}
@@ -309,12 +310,12 @@ def generate_answers(blip, tokenizer, processor, samples: list[Sample], cfg: Fin
         for c in range(0, len(idx), batch_size):
             chunk = idx[c:c + batch_size]
             px = processor([load_image(samples[i].image) for i in chunk], return_tensors="pt")["pixel_values"]
-            inp = torch.tensor([[image_id] * Q + prompts[i] for i in chunk])
-            gen = blip.generate(pixel_values=px.float(), input_ids=inp, attention_mask=torch.ones_like(inp),
+            inp = torch.tensor([[image_id] * Q + prompts[i] for i in chunk], device=device)
+            gen = blip.generate(pixel_values=px.float().to(device), input_ids=inp, attention_mask=torch.ones_like(inp),
                                 max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1, **special)
             if blip.config.use_decoder_only_language_model:
                 gen = gen[:, inp.shape[1]:]
-            for i, text in zip(chunk, tokenizer.batch_decode(gen, skip_special_tokens=True)):
+            for i, text in zip(chunk, tokenizer.batch_decode(gen.cpu(), skip_special_tokens=True)):
                 out[i] = " ".join(text.split())
     return out
 

@@ -88,10 +88,10 @@ def itc_loss(sim_i2t, sim_t2i, start: int, same: torch.Tensor | None = None, smo
     negative and are left out of the softmax.
     """
     B = sim_i2t.shape[0]
-    targets = torch.arange(start, start + B)
+    targets = torch.arange(start, start + B, device=sim_i2t.device)
     if same is not None:
         off = same.clone()
-        off[torch.arange(B), targets] = False
+        off[torch.arange(B, device=off.device), targets] = False
         sim_i2t = sim_i2t.masked_fill(off, float("-inf"))
         sim_t2i = sim_t2i.masked_fill(off, float("-inf"))
     # smoothing spreads its mass over the columns left in the softmax only
@@ -112,17 +112,18 @@ def sample_hard_negatives(img_all, txt_all, temp, ids_all, att_all, generator, s
 
     Sampling is over the global batch (rows ``start:start+B`` are returned), with positives and pairs
     that share the positive's caption given zero weight. Returns indices into the gathered batch:
-    ``(neg_text_for_image [B], neg_image_for_text [B])``.
+    ``(neg_text_for_image [B], neg_image_for_text [B])``. ``generator`` is a CPU generator: the draw is
+    made on the CPU whatever the device, so it depends on the step's seed only.
     """
     N = img_all.shape[0]
     sim_i2t, sim_t2i = itc_similarities(img_all, txt_all, img_all, txt_all, temp)
-    excluded = same_text(ids_all, att_all, ids_all, att_all) | torch.eye(N, dtype=torch.bool)
+    excluded = same_text(ids_all, att_all, ids_all, att_all) | torch.eye(N, dtype=torch.bool, device=img_all.device)
     w_i2t = torch.softmax(sim_i2t.float(), 1).masked_fill(excluded, 0) + 1e-12 * (~excluded)
     w_t2i = torch.softmax(sim_t2i.float(), 1).masked_fill(excluded, 0) + 1e-12 * (~excluded)
     all_alone = excluded.all(1)  # a batch where every caption is the same: no negative exists
     w_i2t[all_alone] = w_t2i[all_alone] = 1.0
-    neg_txt = torch.multinomial(w_i2t, 1, generator=generator)[:, 0]
-    neg_img = torch.multinomial(w_t2i, 1, generator=generator)[:, 0]
+    neg_txt = torch.multinomial(w_i2t.cpu(), 1, generator=generator)[:, 0].to(img_all.device)
+    neg_img = torch.multinomial(w_t2i.cpu(), 1, generator=generator)[:, 0].to(img_all.device)
     return neg_txt[start:start + B], neg_img[start:start + B]
 
 
@@ -130,10 +131,11 @@ def itg_mask(num_queries: int, att: torch.Tensor) -> torch.Tensor:
     """[B, Q+T, Q+T] bool mask for ITG: queries see queries only; text sees all queries + earlier text."""
     B, T = att.shape
     L = num_queries + T
-    mask = torch.zeros(B, L, L, dtype=torch.bool)
+    mask = torch.zeros(B, L, L, dtype=torch.bool, device=att.device)
     mask[:, :num_queries, :num_queries] = True
     mask[:, num_queries:, :num_queries] = True
-    mask[:, num_queries:, num_queries:] = torch.tril(torch.ones(T, T, dtype=torch.bool)) & att.bool()[:, None, :]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=att.device))
+    mask[:, num_queries:, num_queries:] = causal & att.bool()[:, None, :]
     return mask
 
 
@@ -141,7 +143,7 @@ def unimodal_mask(num_queries: int, att: torch.Tensor) -> torch.Tensor:
     """[B, Q+T, Q+T] bool mask for ITC: queries and text do not see each other."""
     B, T = att.shape
     L = num_queries + T
-    mask = torch.zeros(B, L, L, dtype=torch.bool)
+    mask = torch.zeros(B, L, L, dtype=torch.bool, device=att.device)
     mask[:, :num_queries, :num_queries] = True
     mask[:, num_queries:, num_queries:] = att.bool()[:, None, :].expand(-1, T, -1)
     return mask
@@ -150,8 +152,12 @@ def unimodal_mask(num_queries: int, att: torch.Tensor) -> torch.Tensor:
 def prefix_split(ids, att, split, eos_id: int, pad_id: int):
     """Split T5-style ``ids`` (caption words + </s>, right-padded) by the random integers ``split``.
 
-    Returns encoder ids (prefix + </s>), their mask, and decoder labels (rest + </s>, -100 padded).
+    Returns encoder ids (prefix + </s>), their mask, and decoder labels (rest + </s>, -100 padded), on the
+    device of ``ids`` (the split is worked out on the CPU: it is a loop over a few short rows).
     """
+    device = ids.device
+    ids, att = ids.cpu(), att.cpu()
+    split = split.cpu() if isinstance(split, torch.Tensor) else split
     B = ids.shape[0]
     lengths = att.sum(1)  # includes </s>
     enc, dec = [], []
@@ -169,4 +175,4 @@ def prefix_split(ids, att, split, eos_id: int, pad_id: int):
         enc_ids[b, : len(enc[b])] = torch.tensor(enc[b])
         enc_att[b, : len(enc[b])] = 1
         labels[b, : len(dec[b])] = torch.tensor(dec[b])
-    return enc_ids, enc_att, labels
+    return enc_ids.to(device), enc_att.to(device), labels.to(device)

@@ -197,7 +197,8 @@ class Stage1(nn.Module):
         emb = self.blip.embeddings(input_ids=input_ids, query_embeds=queries)
         h = self.blip.qformer.dropout(self.blip.qformer.layernorm(emb))
         if self.blip.qformer.config._attn_implementation == "eager":
-            mask4 = torch.zeros(mask.shape, dtype=h.dtype).masked_fill(~mask, torch.finfo(h.dtype).min)[:, None]
+            mask4 = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(
+                ~mask, torch.finfo(h.dtype).min)[:, None]
         else:
             mask4 = mask[:, None]
         q = 0 if queries is None else queries.shape[1]
@@ -207,7 +208,7 @@ class Stage1(nn.Module):
     def query_features(self, image_embeds):
         B, Q = image_embeds.shape[0], self.blip.query_tokens.shape[1]
         queries = self.blip.query_tokens.expand(B, -1, -1)
-        mask = torch.ones(B, Q, Q, dtype=torch.bool)
+        mask = torch.ones(B, Q, Q, dtype=torch.bool, device=image_embeds.device)
         out = self._qformer(queries, None, mask, image_embeds)
         return F.normalize(self.blip.vision_projection(out), dim=-1)
 
@@ -219,7 +220,7 @@ class Stage1(nn.Module):
     def itm_logits(self, image_embeds, ids, att):
         B, Q = ids.shape[0], self.blip.query_tokens.shape[1]
         queries = self.blip.query_tokens.expand(B, -1, -1)
-        keys = torch.cat([torch.ones(B, Q, dtype=torch.bool), att.bool()], 1)
+        keys = torch.cat([torch.ones(B, Q, dtype=torch.bool, device=att.device), att.bool()], 1)
         mask = keys[:, None, :].expand(-1, keys.shape[1], -1)
         out = self._qformer(queries, ids, mask, image_embeds)
         return self.blip.itm_head(out[:, :Q]).mean(1)
@@ -265,7 +266,8 @@ class Stage1(nn.Module):
             att3 = torch.cat([attention_mask, g["att"][neg_txt], attention_mask])
             emb3 = torch.cat([image_embeds, image_embeds, g["emb"][neg_img]])
             B = input_ids.shape[0]
-            labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long()
+            labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(
+                input_ids.device)
             itm = F.cross_entropy(self.itm_logits(emb3, ids3, att3).float(), labels)
             total = total + itm
             metrics["itm"] = itm.detach()
@@ -436,7 +438,7 @@ class Stage2(nn.Module):
     def _opt_loss(self, pixel_values, ids, att):
         # ids = <s> caption </s> (right-padded); LLM input = [image]*Q + ids; the prompt <s> is not a target
         B = ids.shape[0]
-        img = torch.full((B, self.Q), self.image_id, dtype=ids.dtype)
+        img = torch.full((B, self.Q), self.image_id, dtype=ids.dtype, device=ids.device)
         inp = torch.cat([img, ids], 1)
         mask = torch.cat([torch.ones_like(img), att], 1)
         logits = self.blip(pixel_values=pixel_values, input_ids=inp, attention_mask=mask).logits
@@ -452,12 +454,13 @@ class Stage2(nn.Module):
         enc_ids, enc_att, dec_labels = losses.prefix_split(ids, att, split, self.tokenizer.eos_token_id,
                                                            self.tokenizer.pad_token_id)
         B = ids.shape[0]
-        img = torch.full((B, self.Q), self.image_id, dtype=ids.dtype)
+        img = torch.full((B, self.Q), self.image_id, dtype=ids.dtype, device=ids.device)
         inp = torch.cat([img, enc_ids], 1)
         mask = torch.cat([torch.ones_like(img), enc_att], 1)
-        dec_in = torch.cat([torch.full((B, 1), self.tokenizer.pad_token_id, dtype=ids.dtype),
+        dec_in = torch.cat([torch.full((B, 1), self.tokenizer.pad_token_id, dtype=ids.dtype, device=ids.device),
                             dec_labels[:, :-1].clamp(min=0)], 1)
-        dec_att = torch.cat([torch.ones(B, 1, dtype=att.dtype), (dec_labels[:, :-1] >= 0).to(att.dtype)], 1)
+        dec_att = torch.cat([torch.ones(B, 1, dtype=att.dtype, device=att.device),
+                             (dec_labels[:, :-1] >= 0).to(att.dtype)], 1)
         logits = self.blip(pixel_values=pixel_values, input_ids=inp, attention_mask=mask,
                            decoder_input_ids=dec_in, decoder_attention_mask=dec_att).logits
         loss = losses.token_mean(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
@@ -477,15 +480,16 @@ def generate_captions(blip, tokenizer, pixel_values, prompt: str = "", max_new_t
     """Greedy captions from a ``Blip2ForConditionalGeneration``: input = [image]*Q + tokenizer(prompt)."""
     Q = blip.config.num_query_tokens
     prompt_ids = tokenizer(prompt).input_ids  # OPT: <s> + prompt; T5: prompt + </s> (encoder input)
+    device = blip.device
     out: list[str] = []
     for i in range(0, pixel_values.shape[0], batch_size):
-        px = pixel_values[i:i + batch_size]
-        ids = torch.tensor([[blip.config.image_token_index] * Q + prompt_ids] * px.shape[0])
+        px = pixel_values[i:i + batch_size].to(device)
+        ids = torch.tensor([[blip.config.image_token_index] * Q + prompt_ids] * px.shape[0], device=device)
         gen = blip.generate(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids),
                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         if blip.config.use_decoder_only_language_model:
             gen = gen[:, ids.shape[1]:] if gen.shape[1] > ids.shape[1] and (gen[:, :Q] == ids[:, :Q]).all() else gen
-        texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(gen.cpu(), skip_special_tokens=True)
         out += [" ".join(t.split()) for t in texts]
     return out
 

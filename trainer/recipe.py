@@ -56,19 +56,20 @@ def score(data_dir, stage1_dir=None, stage2_dir=None, split: str = "test", limit
     return out
 
 
-def _stage(task, folder: Path, steps: int, threads: int, timings: dict, **kw) -> str:
+def _stage(task, folder: Path, steps: int, threads: int, timings: dict, device: str = "auto", **kw) -> str:
     model = folder / "model"
     if not model.is_dir():
         t = time.time()
         cfg = LoopConfig(out=str(folder), steps=steps, batch_size=64, warmup=min(30, steps // 4 + 1),
-                         lr=kw.pop("lr", 5e-4), ckpt_every=50, resume="latest", threads=threads, **kw)
+                         lr=kw.pop("lr", 5e-4), ckpt_every=50, resume="latest", threads=threads, device=device,
+                         **kw)
         train(task, cfg)
         timings[folder.name] = round(time.time() - t, 1)
     return str(model)
 
 
 def run_recipe(out: str | Path, t5: bool = False, ablations: bool = False, capfilt: bool = False,
-               quick: bool = False, threads: int = 1) -> dict:
+               quick: bool = False, threads: int = 1, device: str = "auto") -> dict:
 
     torch.set_num_threads(threads)
     out = Path(out)
@@ -83,30 +84,32 @@ def run_recipe(out: str | Path, t5: bool = False, ablations: bool = False, capfi
         timings["data"] = round(time.time() - t, 1)
     d = str(data_dir)
     ev = plan["eval_every"]
-    vision = _stage(VisionTask(d, spec), out / "vision", plan["vision"], threads, timings, lr=1e-3)
-    opt = _stage(TextTask(d, spec), out / "opt", plan["lm"], threads, timings, lr=1e-3)
-    s1 = _stage(Stage1Task(d, spec, vision), out / "stage1", plan["stage1"], threads, timings, eval_every=ev, lr=1e-3)
-    s2 = _stage(Stage2Task(d, spec, opt, s1), out / "stage2-opt", plan["stage2"], threads, timings, eval_every=ev,
-                lr=2e-3)
+
+    def stage(task, folder: Path, steps: int, **kw) -> str:
+        return _stage(task, folder, steps, threads, timings, device=device, **kw)
+
+    vision = stage(VisionTask(d, spec), out / "vision", plan["vision"], lr=1e-3)
+    opt = stage(TextTask(d, spec), out / "opt", plan["lm"], lr=1e-3)
+    s1 = stage(Stage1Task(d, spec, vision), out / "stage1", plan["stage1"], eval_every=ev, lr=1e-3)
+    s2 = stage(Stage2Task(d, spec, opt, s1), out / "stage2-opt", plan["stage2"], eval_every=ev, lr=2e-3)
     report: dict = {"out": str(out), "quick": quick}
     report["test"] = score(d, s1, s2)
     if t5:
         spec5 = dataclasses.replace(spec, llm="t5")
-        lm5 = _stage(TextTask(d, spec5), out / "t5", plan["lm"], threads, timings, lr=1e-3)
-        s2t5 = _stage(Stage2Task(d, spec5, lm5, s1), out / "stage2-t5", plan["stage2"], threads, timings,
-                      eval_every=ev, lr=2e-3)
+        lm5 = stage(TextTask(d, spec5), out / "t5", plan["lm"], lr=1e-3)
+        s2t5 = stage(Stage2Task(d, spec5, lm5, s1), out / "stage2-t5", plan["stage2"], eval_every=ev, lr=2e-3)
         report["test_t5"] = score(d, None, s2t5)
     report["recipe_seconds"] = round(time.time() - t_start, 1)
     report["recipe_cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     report["timings_s"] = timings
     (out / "report.json").write_text(json.dumps(report, indent=2))  # the main numbers, before the extras
     if ablations:
-        a1 = _stage(Stage2Task(d, spec, opt, None, vision), out / "ablation-stage2-without-stage1",
-                    plan["stage2"], threads, timings, eval_every=ev, lr=2e-3)
-        a2s1 = _stage(Stage1Task(d, spec, vision, ("itc", "itm")), out / "ablation-stage1-without-itg",
-                      plan["stage1"], threads, timings, eval_every=ev, lr=1e-3)
-        a2s2 = _stage(Stage2Task(d, spec, opt, a2s1), out / "ablation-stage1-without-itg-stage2",
-                      plan["stage2"], threads, timings, eval_every=ev, lr=2e-3)
+        a1 = stage(Stage2Task(d, spec, opt, None, vision), out / "ablation-stage2-without-stage1",
+                   plan["stage2"], eval_every=ev, lr=2e-3)
+        a2s1 = stage(Stage1Task(d, spec, vision, ("itc", "itm")), out / "ablation-stage1-without-itg",
+                     plan["stage1"], eval_every=ev, lr=1e-3)
+        a2s2 = stage(Stage2Task(d, spec, opt, a2s1), out / "ablation-stage1-without-itg-stage2",
+                     plan["stage2"], eval_every=ev, lr=2e-3)
         report["ablations"] = {"stage2_without_stage1": score(d, None, a1),
                                "stage1_without_itg": score(d, a2s1, a2s2)}
     if capfilt:

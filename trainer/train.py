@@ -1,13 +1,15 @@
-"""The training loop shared by every stage: one process or many (``torchrun``, DDP over gloo on CPU).
+"""The training loop shared by every stage: one process or many (``torchrun``, DDP over gloo on CPU, NCCL on GPUs).
 
 A *task* (see ``trainer/tasks.py`` and ``trainer/unimodal.py``) supplies the model, the batches, an
 evaluation and how to save the result; this file owns everything else:
 
 * AdamW (no weight decay on biases, norms and 1-d parameters), linear warmup then cosine decay;
-* one autocast context (bf16 where the CPU supports it), gradient accumulation, clipping;
-* a deterministic data order and per-step seeds, so a run resumed from a checkpoint continues the very
-  same curve and N processes see the same global batch as one;
-* checkpoints (model, optimizer, scheduler, step, config) written to a temporary file and renamed,
+* ``--device auto|cpu|cuda|cuda:N`` (``trainer/device.py``): model, frozen parts and every batch on it;
+* one autocast context (bf16 where the CPU or GPU supports it), gradient accumulation, clipping;
+* a deterministic data order and per-step seeds (the global CPU and CUDA generators are reseeded from
+  the step and rank at each step), so a run resumed from a checkpoint continues the very same curve and
+  N processes see the same global batch as one;
+* checkpoints (model, optimizer, scheduler, step, config) written from CPU tensors to a temporary file and renamed,
   ``--resume latest`` to continue after a kill; rank-0 logging with a progress bar and periodic eval.
 """
 
@@ -29,6 +31,16 @@ from torch import nn
 
 from runtime.errors import Blip2Error
 from runtime.integrity import atomic_directory
+from trainer.device import (
+    PRECISIONS,
+    autocast_context,
+    check_device_choice,
+    describe,
+    move_to,
+    resolve_device,
+    resolve_precision,
+    to_cpu,
+)
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest.pt"
@@ -46,7 +58,8 @@ class LoopConfig:
     weight_decay: float = 0.05
     beta2: float = 0.98
     clip: float = 1.0
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU/GPU has it)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda when available; torchrun: cuda:LOCAL_RANK)
     eval_every: int = 0
     ckpt_every: int = 100
     log_every: int = 10
@@ -55,13 +68,16 @@ class LoopConfig:
     progress: bool = True
     threads: int = 1  # torch threads per process; 1 is robust on a shared CPU (no OpenMP spin contention)
 
-    def validate(self, world: int) -> None:
+    def validate(self, world: int = 1, local_rank: int = 0) -> None:
+        """Check the flags before anything loads; a CUDA device asked for where there is none fails here."""
         if self.steps < 1:
             raise Blip2Error(f"--steps must be >= 1 (got {self.steps})")
         if self.batch_size % world:
             raise Blip2Error(f"--batch-size {self.batch_size} must be divisible by the number of processes {world}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise Blip2Error(f"--precision {self.precision!r}: choose auto, bf16 or fp32")
+        if self.precision not in PRECISIONS:
+            raise Blip2Error(f"--precision {self.precision!r}: choose {', '.join(PRECISIONS)}")
+        check_device_choice(self.device)
+        resolve_device(self.device, world, local_rank)
 
 
 class Task(Protocol):
@@ -78,28 +94,38 @@ class Task(Protocol):
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def setup_distributed() -> tuple[int, int]:
-    """Initialise gloo when launched by torchrun (``RANK``/``WORLD_SIZE`` set); return (rank, world)."""
+def launch_env() -> tuple[int, int, int]:
+    """``(rank, world, local_rank)`` of a torchrun launch (``RANK``/``WORLD_SIZE`` set), ``(0, 1, 0)`` otherwise.
+
+    Reads the environment only: nothing is initialised, so it can run before the flags are validated.
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        if not dist.is_initialized():
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def setup_distributed(device: torch.device | None = None) -> tuple[int, int]:
+    """Under torchrun, join the process group: NCCL when ``device`` is a GPU (made this process's current
+    device first), gloo on CPU. Return ``(rank, world)``; ``(0, 1)`` for one process."""
+    _, world, _ = launch_env()
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl")
+        else:
             dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
-def bf16_supported() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of the global generators (CPU and CUDA) for one optimizer step of one rank.
 
-
-def autocast_context(precision: str):
-    use = precision == "bf16" or (precision == "auto" and bf16_supported())
-    if use:
-        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+    Reseeding at every step makes dropout and any other global-RNG use a function of (seed, step, rank):
+    a resumed run draws what the uninterrupted one drew, on any device, with no generator state saved.
+    """
+    return ((seed * 1_000_003 + step) * 1009 + rank) % (2**63)
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -144,12 +170,16 @@ class DataOrder:
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: dict) -> None:
-    """Write the checkpoint to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    """Write the checkpoint to ``path`` atomically (temporary file in the same folder, fsync, rename).
+
+    Every tensor is copied to the CPU first: the file is the same whichever device trained, and loads the
+    same way on a machine without a GPU.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # Tensors and plain containers only (read back with torch.load(weights_only=True), which runs no
     # code); the run's configuration travels as a JSON string.
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    state = {"model": to_cpu(model.state_dict()), "optimizer": to_cpu(optimizer.state_dict()),
              "scheduler": _plain(scheduler.state_dict()), "step": int(step), "config": json.dumps(config)}
     try:
         with open(tmp, "wb") as f:
@@ -169,7 +199,13 @@ def _plain(state: dict) -> dict:
 
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint without running code from it (``weights_only``): ``{model, optimizer, scheduler,
-    step, config}``. A file holding anything but tensors and plain data is refused in one line."""
+    step, config}``. A file holding anything but tensors and plain data is refused in one line.
+
+    The tensors are mapped to the CPU; ``load_state_dict`` then places them on the training device: the
+    model copies into its parameters, the optimizer moves its moments to each parameter's device and
+    keeps Adam's ``step`` counters on the CPU, where a non-fused AdamW expects them (mapped straight to
+    a GPU, they would stay there).
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, zipfile errors ...
@@ -208,19 +244,28 @@ def _log(path: Path, record: dict) -> None:
 
 def train(task: Task, cfg: LoopConfig) -> list[dict]:
     """Run ``task`` for ``cfg.steps`` optimizer steps; return the per-step log (rank 0; others: [])."""
-    rank, world = setup_distributed()
-    cfg.validate(world)
+    _, world, local_rank = launch_env()
+    cfg.validate(world, local_rank)
+    device = resolve_device(cfg.device, world, local_rank)
+    rank, world = setup_distributed(device)
+    dtype = resolve_precision(cfg.precision, device)
     out = Path(cfg.out)
     master = rank == 0
     if master:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if master:
+        print(f"[{task.name}] {describe(device, dtype)}", flush=True)
     torch.manual_seed(cfg.seed)
-    model = task.build()
+    model = task.build().to(device)  # the trained and the frozen parts; the optimizer follows the params
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    run_config = {"task": task.describe(), "loop": dataclasses.asdict(cfg) | {"resume": None, "progress": None, "threads": None},
+    # machine-specific choices (device, threads) are not part of the run's identity: a checkpoint
+    # written on a GPU resumes on a CPU and the other way round
+    run_config = {"task": task.describe(),
+                  "loop": dataclasses.asdict(cfg) | {"resume": None, "progress": None, "threads": None,
+                                                     "device": None},
                   "world": world}
     step = 0
     ckpt = resolve_resume(cfg.resume, out)
@@ -244,8 +289,13 @@ def train(task: Task, cfg: LoopConfig) -> list[dict]:
     if master:
         (out / "config.json").write_text(json.dumps(run_config, indent=2))
 
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    autocast = autocast_context(cfg.precision)
+    if world == 1:
+        ddp = model
+    elif device.type == "cuda":
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index], output_device=device.index)
+    else:
+        ddp = nn.parallel.DistributedDataParallel(model)
+    autocast = autocast_context(dtype, device.type)
     order = DataOrder(task.n_train, cfg.seed)
     per_rank = cfg.batch_size // world
     history: list[dict] = []
@@ -259,11 +309,12 @@ def train(task: Task, cfg: LoopConfig) -> list[dict]:
     while step < cfg.steps:
         model.train()
         model.step = step
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
         totals: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             first = (step * cfg.grad_accum + micro) * cfg.batch_size + rank * per_rank
             indices = order(torch.arange(first, first + per_rank))
-            batch = task.batch(indices, step)
+            batch = move_to(task.batch(indices, step), device)
             sync = contextlib.nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else ddp.no_sync()
             with sync:
                 with autocast():
@@ -279,7 +330,7 @@ def train(task: Task, cfg: LoopConfig) -> list[dict]:
         step += 1
         seen += cfg.batch_size * cfg.grad_accum
         if world > 1:  # report the global-batch mean
-            vals = torch.tensor(list(totals.values()), dtype=torch.float64)
+            vals = torch.tensor(list(totals.values()), dtype=torch.float64, device=device)  # NCCL: on the GPU
             dist.all_reduce(vals)
             totals = dict(zip(totals, (vals / world).tolist()))
         record = {"step": step, **{k: round(v, 6) for k, v in totals.items()},

@@ -76,7 +76,8 @@ class VisionTask:
         if split is None:
             return {}
         recs, px = split
-        _, metrics = model(px, attribute_labels(recs))
+        dev = next(model.parameters()).device
+        _, metrics = model(px.to(dev), attribute_labels(recs).to(dev))
         return {k: float(v) for k, v in metrics.items()}
 
     def save(self, model, folder):
@@ -112,21 +113,23 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask, split=None):
         emb = self.lm.get_input_embeddings()(input_ids)
-        B, P = input_ids.shape[0], self.prefix
+        B, P, dev = input_ids.shape[0], self.prefix, emb.device
+        # the draws come from a CPU generator (the same on any device), the tensors then move to the model's
         g = torch.Generator().manual_seed(int(input_ids.sum()) * 1009 + self.step)
-        noise = torch.randn(B, P, emb.shape[-1], generator=g) * emb.detach().std()
+        noise = torch.randn(B, P, emb.shape[-1], generator=g).to(dev) * emb.detach().std()
         keyword = torch.rand(B, generator=g) < 0.5
-        lengths = attention_mask.sum(1)
+        lengths = attention_mask.sum(1).tolist()
         rows = []
         for b in range(B):
             row = noise[b]
             words = emb[b, 1 : lengths[b] - 1]  # without <s> and </s>
             if keyword[b] and 0 < words.shape[0] <= P:
-                slots = torch.randperm(P, generator=g)[: words.shape[0]]
-                row = row.index_put((slots,), words[torch.randperm(words.shape[0], generator=g)].float())
+                slots = torch.randperm(P, generator=g)[: words.shape[0]].to(dev)
+                order = torch.randperm(words.shape[0], generator=g).to(dev)
+                row = row.index_put((slots,), words[order].float())
             rows.append(row)
         noise = torch.stack(rows)
-        mask = torch.cat([torch.ones(B, P, dtype=attention_mask.dtype), attention_mask], 1)
+        mask = torch.cat([torch.ones(B, P, dtype=attention_mask.dtype, device=dev), attention_mask], 1)
         logits = self.lm(inputs_embeds=torch.cat([noise.to(emb.dtype), emb], 1), attention_mask=mask).logits
         logits = logits[:, P:-1]
         labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
@@ -187,7 +190,8 @@ class TextTask:
             return {}
         ids, att = tokenize(self.tokenizer, self.val, eos=True)
         split = torch.arange(len(self.val)) * 2  # even: no prefix, plain caption LM
-        loss, _ = model(ids, att, split)
+        dev = next(model.parameters()).device
+        loss, _ = model(ids.to(dev), att.to(dev), split)
         return {"val_loss": float(loss), "val_ppl": float(torch.exp(loss))}
 
     def save(self, model, folder):
