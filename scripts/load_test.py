@@ -98,12 +98,13 @@ def make_jobs(bundle: Path, images: list[bytes], max_tokens: int, model_name: st
 
 
 class Server:
-    def __init__(self, bundle: Path, max_batch: int, max_queue: int, threads: int | None):
+    def __init__(self, bundle: Path, max_batch: int, max_queue: int, threads: int | None, extra: tuple[str, ...] = ()):
         self.port = free_port()
         cmd = [sys.executable, "-m", "blip2_export.cli", "serve", str(bundle), "--port", str(self.port),
                "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--model-name", "m", "--timeout", "300"]
         if threads:
             cmd += ["--threads", str(threads)]
+        cmd += list(extra)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
