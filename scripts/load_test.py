@@ -245,7 +245,7 @@ def load(bundle: Path, jobs: list[Job], levels: list[int], requests: int, thread
                 x = results[(m, c)]
                 print(f"  {m:14s} {c:2d} clients: {x['rps']:7.2f} req/s  p50 {x['p50'] * 1000:7.1f} ms  "
                       f"p99 {x['p99'] * 1000:7.1f} ms  answers {x['ok']}/{x['sent']}  wrong {x['wrong']}  "
-                      f"lost {x['lost']}  server completed {x['server_done']}", flush=True)
+                      f"lost {x['lost']}  server completed {x['server_done']}  load average {os.getloadavg()[0]:.1f}", flush=True)
         # batching shares decode steps; vision + Q-Former + prefill cost about the same per image at any batch
         one = servers["one-at-a-time"]
         admit, decode = one.metric("blip2_admit_seconds_sum"), one.metric("blip2_decode_step_seconds_sum")
@@ -253,6 +253,13 @@ def load(bundle: Path, jobs: list[Job], levels: list[int], requests: int, thread
         results["decode_share"] = share
         print(f"  one-at-a-time server: decode steps {share:.0%} of its model time, vision + Q-Former + prefill "
               f"{1 - share:.0%} (batching shares the decode steps)", flush=True)
+        bat = servers["batching"]
+        admits = max(bat.metric("blip2_admit_batch_size_count"), 1)
+        steps = max(bat.metric("blip2_batch_size_count"), 1)
+        results["admit_batch"] = bat.metric("blip2_admit_batch_size_sum") / admits
+        results["step_rows"] = bat.metric("blip2_batch_size_sum") / steps
+        print(f"  batching server: {results['admit_batch']:.2f} newcomers per admission (one vision + prefill "
+              f"batch), {results['step_rows']:.2f} rows per decode step (all client counts)", flush=True)
     finally:
         for srv in servers.values():
             srv.stop()
@@ -359,7 +366,8 @@ def main() -> None:
         print(f"== {model}: {len(jobs)} distinct requests (6 images x {len(PROMPTS)} prompts), greedy, "
               f"max_tokens {max_tokens}, {a.requests} requests per row; CPU: {os.cpu_count()} cores", flush=True)
         res = load(bundle, jobs, levels, a.requests, a.threads, a.rounds)
-        print(f"\n| {model} clients | batching req/s | p50 ms | p99 ms | one-at-a-time req/s | p50 ms | p99 ms | "
+        print(f"\nload average now: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min)")
+        print(f"| {model} clients | batching req/s | p50 ms | p99 ms | one-at-a-time req/s | p50 ms | p99 ms | "
               "ratio |\n|---|---|---|---|---|---|---|---|")
         for c in levels:
             b, s = res[("batching", c)], res[("one-at-a-time", c)]
@@ -376,7 +384,8 @@ def main() -> None:
         for k, v in checks.items():
             print(f"{k}: {json.dumps(v)}", flush=True)
         report[model] = {"rows": {f"{k[0]}/{k[1]}": r for k, r in res.items() if isinstance(k, tuple)},
-                         "decode_share": res["decode_share"], "checks": checks}
+                         "decode_share": res["decode_share"], "admit_batch": res["admit_batch"],
+                         "step_rows": res["step_rows"], "checks": checks, "load_average": os.getloadavg()}
     if a.json:
         a.json.write_text(json.dumps(report, indent=1))
 

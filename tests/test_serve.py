@@ -429,3 +429,30 @@ def test_newcomers_a_few_ms_apart_are_admitted_together(tiny_bundle, monkeypatch
     assert sizes == [4] and seconds < 1.5
     sizes, seconds = run(1, 8.0)
     assert sizes == [1, 1, 1, 1] and seconds < 1.5
+
+
+def test_close_during_an_admission_finishes_the_newcomers(tiny_bundle):
+    """Newcomers whose vision + prefill is running are neither waiting nor in a row yet: they still count as
+    running (metrics, /health) and close() waits for them instead of stopping the batch under them."""
+    from runtime.serving.scheduler import Request, Scheduler, SchedulerConfig
+
+    r = Blip2Runtime(tiny_bundle)
+    cfg = r.generation_config(max_new_tokens=4)
+    features = r.image_features
+    entered = threading.Event()
+
+    def slow_features(pv):
+        entered.set()
+        time.sleep(0.5)
+        return features(pv)
+
+    r.image_features = slow_features
+    s = Scheduler(r, SchedulerConfig(max_batch=4, max_queue=4, admit_window=0)).start()
+    got: list = []
+    s.submit(Request(r.pixel_values([image(1)]), PROMPTS[1], r.encode_prompts([PROMPTS[1]], cfg)[0], cfg,
+                     lambda ev: got.append(ev) if ev.kind != "token" else None))
+    assert entered.wait(30)
+    assert s.running == 1 and not s.idle()
+    s.close(timeout=60)
+    assert [e.kind for e in got] == ["done"], got
+    assert got[0].text == alone(r, 1, PROMPTS[1], max_new_tokens=4).text

@@ -179,6 +179,7 @@ class Scheduler:
         self._rows: list[Request] = []  # row b of the cache runs _rows[b]
         self._logits: np.ndarray | None = None  # [rows, vocab]: next-token logits of each running row
         self._serial_busy = False
+        self._admitting = 0  # newcomers taken from the queue, not yet in _rows (their admission runs)
         self._draining = False
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -229,7 +230,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._rows) + int(self._serial_busy)
+        return len(self._rows) + self._admitting + int(self._serial_busy)
 
     def retry_after(self) -> int:
         """Seconds after which a refused caller may find room: about one request's latency per batch of waiters."""
@@ -248,7 +249,8 @@ class Scheduler:
 
     def idle(self) -> bool:
         with self._cond:
-            return not self._queue and not self._serial and not self._rows and not self._serial_busy
+            return not self._queue and not self._serial and not self._rows and not self._serial_busy \
+                and not self._admitting
 
     def close(self, timeout: float | None = None) -> None:
         """Finish what is held (see :meth:`drain`), then stop the threads; requests still held after
@@ -315,6 +317,7 @@ class Scheduler:
                 free = self.cache.free - sum(1 for r in self._rows if r.cancelled or now > r.expires)
                 take = 0 if self._hold(free, now) else min(max(free, 0), len(self._queue))
                 newcomers = [self._queue.popleft() for _ in range(take)]
+                self._admitting = len(newcomers)
             self._drop_finished_rows(time.monotonic())
             if newcomers:
                 try:
@@ -322,6 +325,8 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 - fail the newcomers; the running rows are untouched
                     for req in newcomers:
                         self._finish(req, Event("error", error=_as_error(e)), "error")
+                finally:
+                    self._admitting = 0
             if self._rows:
                 try:
                     self._advance()
@@ -380,6 +385,7 @@ class Scheduler:
         prefix = self.rt.image_features(pv)
         logits = self.cache.admit(prefix, [r.prompt_ids for r in newcomers])
         self._rows.extend(newcomers)
+        self._admitting = 0
         self._logits = logits if self._logits is None or not len(self._logits) else np.concatenate(
             [self._logits, logits])
         seconds = time.perf_counter() - t0
