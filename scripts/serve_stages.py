@@ -29,6 +29,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+def timed(best: dict, key, fn, *args) -> None:
+    """Keep in ``best[key]`` the fastest call of ``fn(*args)`` (repeated for at least 0.1 s: short stages get
+    many tries)."""
+    end = time.perf_counter() + 0.1
+    while True:
+        t0 = time.perf_counter()
+        fn(*args)
+        t1 = time.perf_counter()
+        best[key] = min(best.get(key, np.inf), t1 - t0)
+        if t1 >= end:
+            return
+
+
+def prefill(cache, prefix, ids) -> None:
+    cache.reset()
+    cache.admit(prefix, ids)
+
+
+def step(cache, tokens) -> None:
+    cache.step(tokens)
+    cache.lengths[:len(tokens)] -= 1  # the same position again: every step costs the same
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", choices=["demo", "bench", "mid", "tiny"], default=None)
@@ -59,32 +82,15 @@ def main() -> None:
         capacity = rt.manifest.model.max_context if model == "demo" else 128
         cache = SlotCache(rt.manifest, rt.graph(GraphName.DECODER), rt.embed, slots=max(batches), capacity=capacity)
         best: dict[tuple[str, int], float] = {}
-
-        def timed(key, fn):
-            """The fastest call (calls repeated for at least 0.1 s: short stages get many tries)."""
-            end = time.perf_counter() + 0.1
-            while True:
-                t0 = time.perf_counter()
-                fn()
-                t1 = time.perf_counter()
-                best[key] = min(best.get(key, np.inf), t1 - t0)
-                if t1 >= end:
-                    break
-
         for rep in range(a.reps + 1):  # the first round warms up (not kept)
             for B in batches:
                 pv = np.concatenate([pv1] * B)
                 emb = vision.run({"pixel_values": pv})["image_embeds"]
-                timed(("vision", B), lambda: vision.run({"pixel_values": pv}))
-                timed(("qformer", B), lambda: qformer.run({"image_embeds": emb}))
                 prefix = np.concatenate([prefix1] * B)
-                timed(("prefill", B), lambda: (cache.reset(), cache.admit(prefix, [ids] * B)))
-                tok = np.full(B, 5)
-
-                def step():
-                    cache.step(tok)
-                    cache.lengths[:B] -= 1  # the same position again: every step costs the same
-                timed(("step", B), step)
+                timed(best, ("vision", B), vision.run, {"pixel_values": pv})
+                timed(best, ("qformer", B), qformer.run, {"image_embeds": emb})
+                timed(best, ("prefill", B), prefill, cache, prefix, [ids] * B)
+                timed(best, ("step", B), step, cache, np.full(B, 5))
             if rep == 0:
                 best.clear()
         print(f"== {model}: model time per request (ms, fastest call over {a.reps} interleaved rounds; load average "

@@ -48,7 +48,6 @@ from runtime.generation import GenerationConfig, LogitsProcessors, processors
 from runtime.serving.slots import SlotCache
 from runtime.serving.text import TextAssembler
 
-
 # Newcomers wait for company at most this share of the measured cost of admitting one request (vision +
 # Q-Former + prefill): on the bench preset (ViT-B/16, ~0.25 s per image on 2 cores) about 25 ms, on the demo
 # model (~2 ms per image) about 0.2 ms, so a lone caller loses at most this share of its admission time.
