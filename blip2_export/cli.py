@@ -344,10 +344,13 @@ def run(bundle, images, prompts, precision, backend, threads, stream, as_json, v
 @click.option("--kv-capacity", type=int, default=None,
               help="Positions per KV slot (visual tokens + prompt + max_tokens); default: the bundle's context.")
 @click.option("--max-body-mb", default=20.0, show_default=True, type=float, help="Largest request body (413 above).")
+@click.option("--admit-window-ms", default=50.0, show_default=True, type=float,
+              help="Most a newcomer waits for others to share its vision + prefill batch (it waits at most a "
+                   "tenth of one admission's measured cost; 0: admit each at once).")
 @click.option("--model-name", default=None, help="The model id clients send (default: the bundle folder's name).")
 @_int8_kernel_option
 def serve(bundle, precision, backend, threads, host, port, max_batch, max_queue, timeout, kv_capacity, max_body_mb,
-          model_name, int8_kernel):
+          admit_window_ms, model_name, int8_kernel):
     """Serve a BUNDLE over OpenAI's chat-completions API with continuous batching (needs the [serve] extra).
 
     \b
@@ -358,7 +361,8 @@ def serve(bundle, precision, backend, threads, host, port, max_batch, max_queue,
     from runtime.serving.server import serve as run_server
 
     cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_queue=max_queue, timeout=timeout,
-                      max_body_mb=max_body_mb, kv_capacity=kv_capacity, model_name=model_name)
+                      max_body_mb=max_body_mb, kv_capacity=kv_capacity, admit_window=admit_window_ms / 1000,
+                      model_name=model_name)
     run_server(bundle, cfg, precision=precision, backend=backend, echo=lambda m: _echo(m, err=True),
                **_backend_options(backend, threads, int8_kernel))
 

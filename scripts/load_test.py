@@ -98,12 +98,13 @@ def make_jobs(bundle: Path, images: list[bytes], max_tokens: int, model_name: st
 
 
 class Server:
-    def __init__(self, bundle: Path, max_batch: int, max_queue: int, threads: int | None):
+    def __init__(self, bundle: Path, max_batch: int, max_queue: int, threads: int | None, extra: tuple[str, ...] = ()):
         self.port = free_port()
         cmd = [sys.executable, "-m", "blip2_export.cli", "serve", str(bundle), "--port", str(self.port),
                "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--model-name", "m", "--timeout", "300"]
         if threads:
             cmd += ["--threads", str(threads)]
+        cmd += list(extra)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
@@ -208,6 +209,12 @@ def drive(port: int, jobs: list[Job], clients: int, total: int, tally: Tally, st
     return time.perf_counter() - t0
 
 
+def batch_stats(srv: Server) -> tuple[float, float, float, float]:
+    """(admissions, newcomers admitted, decode steps, rows stepped) so far, from the server's metrics."""
+    return (srv.metric("blip2_admit_batch_size_count"), srv.metric("blip2_admit_batch_size_sum"),
+            srv.metric("blip2_batch_size_count"), srv.metric("blip2_batch_size_sum"))
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -227,6 +234,7 @@ def load(bundle: Path, jobs: list[Job], levels: list[int], requests: int, thread
             drive(srv.port, jobs, 2, len(jobs), Tally())  # warm-up (not counted)
         for c in levels:
             acc = {m: {"tally": Tally(), "wall": 0.0, "sent": 0, "done0": servers[m].metric(DONE)} for m in modes}
+            batch0 = batch_stats(servers["batching"])
             n_rounds = max(1, min(rounds, requests // c))  # a round keeps every client busy
             for r in range(n_rounds):
                 order = list(modes) if r % 2 == 0 else list(reversed(modes))
@@ -241,10 +249,15 @@ def load(bundle: Path, jobs: list[Job], levels: list[int], requests: int, thread
                     "sent": acc[m]["sent"], "wrong": t.wrong, "lost": t.conn_errors + t.http_errors + t.refused,
                     "server_done": int(servers[m].metric(DONE) - acc[m]["done0"]),
                 }
+                if m == "batching":  # how well the batch filled at this client count
+                    (a0, n0, s0, r0), (a1, n1, s1, r1) = batch0, batch_stats(servers[m])
+                    results[(m, c)].update(admit_batch=(n1 - n0) / max(a1 - a0, 1), step_rows=(r1 - r0) / max(s1 - s0, 1))
                 x = results[(m, c)]
                 print(f"  {m:14s} {c:2d} clients: {x['rps']:7.2f} req/s  p50 {x['p50'] * 1000:7.1f} ms  "
                       f"p99 {x['p99'] * 1000:7.1f} ms  answers {x['ok']}/{x['sent']}  wrong {x['wrong']}  "
-                      f"lost {x['lost']}  server completed {x['server_done']}", flush=True)
+                      f"lost {x['lost']}  server completed {x['server_done']}  load average {os.getloadavg()[0]:.1f}"
+                      + (f"  newcomers/admission {x['admit_batch']:.2f}  rows/step {x['step_rows']:.2f}"
+                         if "admit_batch" in x else ""), flush=True)
         # batching shares decode steps; vision + Q-Former + prefill cost about the same per image at any batch
         one = servers["one-at-a-time"]
         admit, decode = one.metric("blip2_admit_seconds_sum"), one.metric("blip2_decode_step_seconds_sum")
@@ -252,6 +265,7 @@ def load(bundle: Path, jobs: list[Job], levels: list[int], requests: int, thread
         results["decode_share"] = share
         print(f"  one-at-a-time server: decode steps {share:.0%} of its model time, vision + Q-Former + prefill "
               f"{1 - share:.0%} (batching shares the decode steps)", flush=True)
+
     finally:
         for srv in servers.values():
             srv.stop()
@@ -358,7 +372,8 @@ def main() -> None:
         print(f"== {model}: {len(jobs)} distinct requests (6 images x {len(PROMPTS)} prompts), greedy, "
               f"max_tokens {max_tokens}, {a.requests} requests per row; CPU: {os.cpu_count()} cores", flush=True)
         res = load(bundle, jobs, levels, a.requests, a.threads, a.rounds)
-        print(f"\n| {model} clients | batching req/s | p50 ms | p99 ms | one-at-a-time req/s | p50 ms | p99 ms | "
+        print(f"\nload average now: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min)")
+        print(f"| {model} clients | batching req/s | p50 ms | p99 ms | one-at-a-time req/s | p50 ms | p99 ms | "
               "ratio |\n|---|---|---|---|---|---|---|---|")
         for c in levels:
             b, s = res[("batching", c)], res[("one-at-a-time", c)]
@@ -375,7 +390,7 @@ def main() -> None:
         for k, v in checks.items():
             print(f"{k}: {json.dumps(v)}", flush=True)
         report[model] = {"rows": {f"{k[0]}/{k[1]}": r for k, r in res.items() if isinstance(k, tuple)},
-                         "decode_share": res["decode_share"], "checks": checks}
+                         "decode_share": res["decode_share"], "checks": checks, "load_average": os.getloadavg()}
     if a.json:
         a.json.write_text(json.dumps(report, indent=1))
 

@@ -372,3 +372,87 @@ def test_t5_bundles_run_on_the_serial_lane(tmp_path):
         assert final.kind == "done"
         assert final.text == alone(r, i, PROMPTS[i], max_new_tokens=8).text
         assert "".join(e.text for e in got[i][:-1]) == final.text
+
+
+def test_newcomers_a_few_ms_apart_are_admitted_together(tiny_bundle, monkeypatch):
+    """Closed-loop callers arrive a few ms apart: with an admission window the scheduler waits (bounded) for
+    them and runs their vision + prefill as one batch; without one, each is admitted as it comes. Either way
+    every answer is what generate gives that request alone, and a one-slot scheduler never waits."""
+    from runtime.serving import scheduler as sched_mod
+    from runtime.serving.scheduler import Request, Scheduler, SchedulerConfig, SchedulerObserver
+
+    r = Blip2Runtime(tiny_bundle)
+    cfg = r.generation_config(max_new_tokens=6)
+    monkeypatch.setattr(sched_mod, "ADMIT_WAIT_SHARE", 1e9)  # the budget is the window (tiny admissions are fast)
+
+    class Admits(SchedulerObserver):
+        def __init__(self):
+            self.sizes: list[int] = []
+
+        def on_admit(self, newcomers, seconds):
+            self.sizes.append(newcomers)
+
+    def run(max_batch: int, window: float) -> list[int]:
+        obs = Admits()
+        s = Scheduler(r, SchedulerConfig(max_batch=max_batch, max_queue=8, admit_window=window), obs).start()
+        done = threading.Semaphore(0)
+        texts: dict[int, str] = {}
+
+        def submit(i):
+            def on_event(ev):
+                if ev.kind != "token":
+                    texts[i] = ev.text if ev.kind == "done" else repr(ev.error)
+                    done.release()
+            pv = r.pixel_values([image(i)])
+            s.submit(Request(pv, PROMPTS[i % 4], r.encode_prompts([PROMPTS[i % 4]], cfg)[0], cfg, on_event))
+
+        submit(9)  # one admission measured: the budget is known from here on
+        assert done.acquire(timeout=60)
+        obs.sizes.clear()
+        t0 = time.monotonic()
+        for i in range(4):
+            submit(i)
+            time.sleep(0.02)
+        for _ in range(4):
+            assert done.acquire(timeout=60)
+        seconds = time.monotonic() - t0
+        s.close()
+        for i in range(4):
+            assert texts[i] == alone(r, i, PROMPTS[i % 4], max_new_tokens=6).text
+        return obs.sizes, seconds
+
+    assert run(8, 0.5)[0] == [4]  # waited until arrivals stopped (a quarter of the window after the last)
+    assert len(run(8, 0.0)[0]) > 1  # no window: the first was admitted alone
+    # newcomers that fill the free slots do not wait: waiting would take a quarter of the 8 s window (2 s)
+    # after the last arrival, or 2 s per request with one slot
+    sizes, seconds = run(4, 8.0)
+    assert sizes == [4] and seconds < 1.5
+    sizes, seconds = run(1, 8.0)
+    assert sizes == [1, 1, 1, 1] and seconds < 1.5
+
+
+def test_close_during_an_admission_finishes_the_newcomers(tiny_bundle):
+    """Newcomers whose vision + prefill is running are neither waiting nor in a row yet: they still count as
+    running (metrics, /health) and close() waits for them instead of stopping the batch under them."""
+    from runtime.serving.scheduler import Request, Scheduler, SchedulerConfig
+
+    r = Blip2Runtime(tiny_bundle)
+    cfg = r.generation_config(max_new_tokens=4)
+    features = r.image_features
+    entered = threading.Event()
+
+    def slow_features(pv):
+        entered.set()
+        time.sleep(0.5)
+        return features(pv)
+
+    r.image_features = slow_features
+    s = Scheduler(r, SchedulerConfig(max_batch=4, max_queue=4, admit_window=0)).start()
+    got: list = []
+    s.submit(Request(r.pixel_values([image(1)]), PROMPTS[1], r.encode_prompts([PROMPTS[1]], cfg)[0], cfg,
+                     lambda ev: got.append(ev) if ev.kind != "token" else None))
+    assert entered.wait(30)
+    assert s.running == 1 and not s.idle()
+    s.close(timeout=60)
+    assert [e.kind for e in got] == ["done"], got
+    assert got[0].text == alone(r, 1, PROMPTS[1], max_new_tokens=4).text

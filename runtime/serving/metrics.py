@@ -36,6 +36,8 @@ class ServerMetrics(SchedulerObserver):
                                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
         self.admit = prom.Histogram("blip2_admit_seconds", "Vision + Q-Former + prefill of the newcomers of one step",
                                     registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.admitted = prom.Histogram("blip2_admit_batch_size", "Newcomers admitted together (one vision + "
+                                       "prefill batch)", registry=r, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
         self.queue = prom.Gauge("blip2_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = prom.Gauge("blip2_running_requests", "Requests being generated", registry=r)
         self.tps = prom.Gauge("blip2_tokens_per_second", f"Tokens generated per second over the last "
@@ -62,6 +64,7 @@ class ServerMetrics(SchedulerObserver):
 
     def on_admit(self, newcomers: int, seconds: float) -> None:
         self.admit.observe(seconds)
+        self.admitted.observe(newcomers)
 
     def on_finish(self, req: Request, status: str, now: float) -> None:
         self.requests.labels(status).inc()

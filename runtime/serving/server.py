@@ -53,6 +53,7 @@ class ServeConfig:
     timeout: float = 120.0  # seconds per request, submission to last token
     max_body_mb: float = 20.0
     kv_capacity: int | None = None
+    admit_window: float = 0.05  # seconds newcomers may wait to be admitted together (see the scheduler)
     model_name: str | None = None  # default: the bundle folder's name
 
     def validate(self) -> ServeConfig:
@@ -66,7 +67,7 @@ class ServeConfig:
 
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(max_batch=self.max_batch, max_queue=self.max_queue, timeout=self.timeout,
-                               kv_capacity=self.kv_capacity)
+                               kv_capacity=self.kv_capacity, admit_window=self.admit_window)
 
 
 async def _disconnected(receive) -> None:
