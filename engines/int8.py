@@ -220,20 +220,23 @@ def linear_blocks(model, nodes: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def output_error(reference: Path, candidate: Path, feeds: list[dict[str, np.ndarray]], io: GraphIO) -> float:
-    """Relative L2 error of ``candidate``'s float outputs against ``reference``'s, over ``feeds``."""
+def graph_outputs(path: Path, feeds: list[dict[str, np.ndarray]], io: GraphIO) -> list[list[np.ndarray]]:
+    """The float outputs of the graph at ``path`` for each of ``feeds`` (CPU, ONNX Runtime)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    ref = ort.InferenceSession(str(reference), so, providers=["CPUExecutionProvider"])
-    cand = ort.InferenceSession(str(candidate), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in ref.get_outputs() if o.type == "tensor(float)"]
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs() if o.type == "tensor(float)"]
     inputs = io.input_names()
+    return [sess.run(names, {n: f[n] for n in inputs}) for f in feeds]
+
+
+def output_error(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
+    """Relative L2 error of ``candidate``'s outputs against ``reference``'s (both from :func:`graph_outputs`)."""
     num = den = 0.0
-    for f in feeds:
-        feed = {n: f[n] for n in inputs}
-        for a, b in zip(ref.run(names, feed), cand.run(names, feed), strict=True):
+    for ref, cand in zip(reference, candidate, strict=True):
+        for a, b in zip(ref, cand, strict=True):
             num += float(np.square(a.astype(np.float64) - b).sum())
             den += float(np.square(a.astype(np.float64)).sum())
     return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
@@ -244,7 +247,8 @@ def _fall_back(model, candidates: list[str], tolerance: float, feeds, io: GraphI
     """Keep blocks float (appending to ``float_nodes``, re-running ``requantize`` into ``out``) from the
     last block back until the output error is within ``tolerance``; return the notes."""
     sample = feeds[:: max(1, len(feeds) // FALLBACK_SAMPLES)][:FALLBACK_SAMPLES]
-    first = err = output_error(src, out, sample, io)
+    reference = graph_outputs(src, sample, io)  # the fp32 graph runs once
+    first = err = output_error(reference, graph_outputs(out, sample, io))
     blocks = linear_blocks(model, candidates)
     limit = int(len(blocks) * FALLBACK_MAX_FRACTION)
     kept: list[list[str]] = []
@@ -254,7 +258,7 @@ def _fall_back(model, candidates: list[str], tolerance: float, feeds, io: GraphI
         if bar is not None:
             bar.reset()
         requantize()
-        err = output_error(src, out, sample, io)
+        err = output_error(reference, graph_outputs(out, sample, io))
     return {"tolerance": tolerance, "samples": len(sample), "error_all_int8": round(first, 5),
             "error": round(err, 5), "met": err <= tolerance, "blocks": len(blocks),
             "float_blocks": [_block_name(b) for b in reversed(kept)]}
