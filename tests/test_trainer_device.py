@@ -156,20 +156,10 @@ def test_move_to_moves_every_nested_tensor():
              "count": 3, "name": "x", "none": None}
     moved = dev.move_to(batch, meta)
 
-    def tensors(obj):
-        if isinstance(obj, torch.Tensor):
-            yield obj
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                yield from tensors(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                yield from tensors(v)
-
-    found = list(tensors(moved))
-    assert len(found) == len(list(tensors(batch))) == 5
+    found = list(_all_tensors(moved))
+    assert len(found) == len(list(_all_tensors(batch))) == 5
     assert all(x.device == meta for x in found)
-    assert all(x.device.type == "cpu" for x in tensors(batch))  # the input is not changed
+    assert all(x.device.type == "cpu" for x in _all_tensors(batch))  # the input is not changed
     assert isinstance(moved["nested"]["rows"], list) and isinstance(moved["nested"]["rows"][1], tuple)
     assert moved["nested"]["rows"][1][1] == "keep" and moved["count"] == 3 and moved["none"] is None
     assert moved["pixel_values"].shape == (2, 3, 4, 4) and moved["ids"].dtype == torch.long
