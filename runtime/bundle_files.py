@@ -11,13 +11,21 @@ very bytes and returns them, so the bytes that were hashed are the bytes that ar
 opened again by path after the check, and nothing is a live memory map of a file others can write).
 Each distinct file is hashed at most once per :class:`BundleFiles` by :meth:`verify`; sizes are capped
 before anything is read.
+
+:meth:`BundleFiles.stage` is the same one read for files too large to hold twice (a graph's weights): the
+bytes are hashed as they are copied into a private folder (:class:`Staging`, mode 0700), the copy is
+checked before anything uses it, and the backend opens the copy, never the bundle's file. Only this
+process (and its own user) can write the copy, so a file swapped or rewritten in the bundle after the check
+is never the one that runs, and the bundle's file is read exactly once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 from runtime.errors import BundleError
@@ -26,6 +34,9 @@ from runtime.errors import BundleError
 _RESERVED = {"", ".", "..", "manifest.json"}
 MAX_NAME_CHARS = 255
 READ_CHUNK = 1 << 24  # 16 MiB per read(): a hash interleaved with the reads, no second buffer
+
+
+STAGING_ENV = "BLIP2_EXPORT_STAGING_DIR"  # where verified copies of large files go (default: the temp dir)
 
 
 def check_name(name: object) -> str:
@@ -134,6 +145,61 @@ class BundleFiles:
         self._hashed[name] = (h.hexdigest(), n)
         return buf
 
+    def stage(self, name: str, sha256: str | None, size: int | None, staging: Staging) -> Path:
+        """Copy ``name`` into ``staging``, reading it once: its size and sha256 (with ``verify``) are those of
+        the manifest, computed on the very bytes written. Returns the copy's path; it is complete and checked
+        when this returns (a mismatch removes it and raises)."""
+        path = self.resolve(name)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            raise BundleError(f"cannot open bundle file {printable(name)}: {e.strerror or e}") from None
+        dest = staging.path(name)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BundleError(f"bundle file {printable(name)} is not a regular file")
+            n = st.st_size
+            if self.verify and size is not None and n != size:
+                raise BundleError(f"bundle file {printable(name)} has {n} bytes, the manifest says {size}: it was "
+                                  "truncated or modified", hint="re-export the bundle")
+            staging.reserve(n, name)
+            h = hashlib.sha256()
+            buf = bytearray(READ_CHUNK)
+            view = memoryview(buf)
+            got = 0
+            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                with open(fd, "rb", buffering=0, closefd=False) as f:
+                    while k := f.readinto(view):
+                        h.update(view[:k])
+                        written = 0
+                        while written < k:
+                            written += os.write(out, view[written:k])
+                        got += k
+            except OSError as e:
+                raise BundleError(f"cannot copy bundle file {printable(name)} to {staging.root}: "
+                                  f"{e.strerror or e}", hint=f"set {STAGING_ENV} to a folder with "
+                                                             f"{n / 1e9:.1f} GB free") from None
+            finally:
+                os.close(out)
+                view.release()
+            if got != n:
+                raise BundleError(f"bundle file {printable(name)} changed size while it was read",
+                                  hint="do not modify a bundle while it is loaded")
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        if self.verify and sha256 is not None and h.hexdigest() != sha256:
+            dest.unlink(missing_ok=True)
+            raise BundleError(f"bundle file {printable(name)} does not match its checksum: it was modified or "
+                              "corrupted", hint="re-export the bundle")
+        self._hashed[name] = (h.hexdigest(), n)
+        return dest
+
     def verify_all(self, files) -> None:
         """Check ``(name, sha256, size or None)`` records: each distinct name is resolved and hashed once;
         two records of one name must agree."""
@@ -175,3 +241,41 @@ class BundleFiles:
             raise BundleError(f"bundle file {printable(name)} does not match its checksum: it was modified or "
                               "corrupted", hint="re-export the bundle")
         self._hashed[name] = (digest, n)
+
+
+class Staging:
+    """A private folder (mode 0700, made with ``mkdtemp``) for verified copies of bundle files, removed on
+    exit. ``root``: where to make it (default ``$BLIP2_EXPORT_STAGING_DIR``, else the system temp dir).
+
+    The copies are needed only until the backend has read them (ONNX Runtime reads or maps a graph's data
+    when its session is created); on POSIX a file still mapped stays valid after it is removed."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root or os.environ.get(STAGING_ENV) or tempfile.gettempdir())
+        self.dir: Path | None = None
+
+    def __enter__(self) -> Staging:
+        try:
+            self.dir = Path(tempfile.mkdtemp(prefix="blip2-stage-", dir=self.root))
+        except OSError as e:
+            raise BundleError(f"cannot make a staging folder in {self.root}: {e.strerror or e}",
+                              hint=f"set {STAGING_ENV} to a writable folder") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def path(self, name: str) -> Path:
+        """Where the copy of ``name`` (a plain name, or ``folder/name`` for files of our own) goes."""
+        assert self.dir is not None, "use Staging as a context manager"
+        return self.dir / name
+
+    def reserve(self, n: int, name: str) -> None:
+        """Refuse, before copying, a file the staging folder's disk has no room for."""
+        assert self.dir is not None
+        free = shutil.disk_usage(self.dir).free
+        if n > free:
+            raise BundleError(f"no room to stage {printable(name)} ({n / 1e9:.2f} GB) in {self.root}: "
+                              f"{free / 1e9:.2f} GB free", hint=f"set {STAGING_ENV} to a folder with more room")

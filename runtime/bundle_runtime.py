@@ -11,7 +11,7 @@ from pathlib import Path
 from runtime.backends import GraphRunner, GraphSet, create_backend
 from runtime.contract import Family, GraphName
 from runtime.deadline import DEFAULT_TIMEOUT_S
-from runtime.manifest import Manifest, load_manifest
+from runtime.manifest import Manifest, check_sizes, load_manifest
 from runtime.text import load_text
 
 
@@ -25,11 +25,15 @@ class BundleRuntime:
         self.bundle = Path(bundle)
         self.verify = verify
         self.timeout = timeout
-        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
+        # Every name resolves inside the bundle; nothing is hashed here. Each file this precision uses is
+        # read once, when it is loaded, and checked on those very bytes; other precisions' files are not read.
+        self.manifest: Manifest = load_manifest(self.bundle, verify=False)
         self.check_family(self.manifest.family)
         self.precision = precision
         for g in self.manifest.required_graphs():
-            self.manifest.graph(g, precision)  # fails early if one is missing
+            rec = self.manifest.graph(g, precision)  # fails early if one is missing
+            if verify:
+                check_sizes(self.bundle, rec)  # a truncated file fails now, not at first use
         self.backend = create_backend(backend, **backend_options)
         self.tokenizer, self.embed = load_text(self.bundle, self.manifest, verify)
         self._graph_set = GraphSet(self.bundle, self.manifest, precision, self.backend, verify)

@@ -154,21 +154,38 @@ def externalized(bundle_copy, tiny_bundle):
 
 
 def test_external_data_from_listed_file_runs_and_is_read_once(externalized, tiny_bundle, monkeypatch):
-    """ORT gets bytes (never a path) and the external tensors from memory: same caption as the bundle."""
+    """Each bundle file is opened once; ORT gets a private, checked copy (never a bundle path): same caption."""
+    import stat
+
     import onnxruntime as ort
 
-    sources = []
+    seen = []
     real = ort.InferenceSession
 
     def spy(src, *a, **k):
-        sources.append(src)
+        folder = Path(src).parent
+        seen.append((Path(src), stat.S_IMODE(folder.stat().st_mode),
+                     (folder / "vision.onnx.data").read_bytes() if (folder / "vision.onnx.data").exists() else None))
         return real(src, *a, **k)
 
+    opened = []
+    real_open = os.open
+
+    def open_spy(path, *a, **k):
+        if os.path.dirname(os.path.realpath(path)) == os.path.realpath(externalized):
+            opened.append(os.path.basename(path))  # a file of the bundle (not a staged copy)
+        return real_open(path, *a, **k)
+
     monkeypatch.setattr(ort, "InferenceSession", spy)
+    monkeypatch.setattr(os, "open", open_spy)
     got = Blip2Runtime(externalized).caption(IMG, max_new_tokens=4)
     monkeypatch.undo()
     assert got == Blip2Runtime(tiny_bundle).caption(IMG, max_new_tokens=4)
-    assert sources and all(isinstance(s, bytes) for s in sources), [type(s) for s in sources]
+    assert opened.count("vision.onnx.data") == 1 and opened.count("vision.onnx") == 1, opened
+    bundle = os.path.realpath(externalized)
+    assert seen and all(not str(src).startswith(bundle) and mode == 0o700 for src, mode, _ in seen), seen
+    assert (externalized / "vision.onnx.data").read_bytes() in [data for _, _, data in seen]
+    assert not any(src.parent.exists() for src, _, _ in seen), "the staged copies are removed after loading"
     assert "checksums: ok" in _inspect_out(externalized)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from bundle_tools import manifest_file_records
 
+from runtime.contract import GraphName
 from runtime.errors import Blip2Error, BundleError
 from runtime.integrity import sha256_file
 from runtime.manifest import MANIFEST_NAME, iter_files, load_manifest
@@ -52,18 +53,60 @@ def test_bundle_files_are_all_covered(tiny_bundle):
     assert present == listed
 
 
+def _open_and_load(bundle: Path, **options) -> Blip2Runtime:
+    """A runtime with every graph of its precision loaded (each file is checked when it is read)."""
+    rt = Blip2Runtime(bundle, **options)
+    for g in rt.manifest.required_graphs():
+        rt.graph(GraphName(g))
+    return rt
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_every_damaged_file_is_refused_by_name(tiny_bundle, tmp_path, damage):
-    for name, _, _ in iter_files(load_manifest(tiny_bundle)):
+    """Each file is refused by whichever runtime reads it: the default one (ORT engine builds) or the one
+    that runs the portable graphs. Files a runtime does not use are not read at all (#13)."""
+    m = load_manifest(tiny_bundle)
+    unread = {r.file for role, r in m.files.items() if role not in ("tokenizer", "embed_tokens")}
+    for name, _, _ in iter_files(m):
         bundle = tmp_path / f"{damage}-{name}"
         shutil.copytree(tiny_bundle, bundle)
         DAMAGE[damage](bundle / name)
-        with pytest.raises(BundleError) as e:
-            Blip2Runtime(bundle)
-        msg = str(e.value)
-        assert name in msg and ("checksum" in msg or "bytes" in msg), msg
-        assert "re-export" in msg, msg
+        errors = []
+        for options in ({}, {"engines": False}):
+            try:
+                _open_and_load(bundle, **options)
+            except BundleError as e:
+                errors.append(str(e))
+        if not errors:  # a file no runtime reads (e.g. tokenizer_config.json, for transformers users) ...
+            assert name in unread, f"{damage} {name} was not refused"
+            with pytest.raises(BundleError) as e:  # ... is refused by the full check ('inspect')
+                load_manifest(bundle)
+            errors.append(str(e.value))
+        for msg in errors:
+            assert name in msg and ("checksum" in msg or "bytes" in msg), msg
+            assert "re-export" in msg, msg
         shutil.rmtree(bundle)
+
+
+def test_other_precisions_files_are_not_read(tiny_bundle, tmp_path):
+    """Opening a precision reads its own files only: another precision's damaged graph does not stop it."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    m = json.loads((bundle / MANIFEST_NAME).read_text())
+    second = json.loads(json.dumps(m["graphs"]["fp32"]))  # a second precision: copies of the fp32 files
+    for g in second.values():
+        assert not g.get("external_data"), "the tiny graphs keep their weights inline"
+        shutil.copy(bundle / g["file"], bundle / f"p2-{g['file']}")
+        g["file"] = f"p2-{g['file']}"
+        g["engines"] = []
+        g.get("notes", {}).pop("ort_engine", None)
+    m["graphs"]["fp16"] = second
+    (bundle / MANIFEST_NAME).write_text(json.dumps(m))
+    _flip(bundle / second["vision"]["file"])  # same size, wrong bytes
+    rt = _open_and_load(bundle, precision="fp32")
+    assert rt.caption(IMG, max_new_tokens=2) is not None
+    with pytest.raises(BundleError, match=r"p2-vision\.onnx does not match its checksum"):
+        _open_and_load(bundle, precision="fp16")
 
 
 def test_swapped_files_are_refused(tiny_bundle, bundle_copy, tmp_path):
@@ -74,7 +117,7 @@ def test_swapped_files_are_refused(tiny_bundle, bundle_copy, tmp_path):
     b.rename(a)
     tmp.rename(b)
     with pytest.raises(BundleError, match=r"(vision|qformer)\.onnx"):
-        Blip2Runtime(bundle_copy)
+        _open_and_load(bundle_copy)
 
 
 def test_graph_from_another_export_is_refused(tiny_bundle, tiny_checkpoint, tmp_path):
@@ -88,11 +131,11 @@ def test_graph_from_another_export_is_refused(tiny_bundle, tiny_checkpoint, tmp_
     shutil.copytree(tiny_bundle, mixed)
     shutil.copy(other / "decoder.onnx", mixed / "decoder.onnx")  # a valid graph, of the same shape
     with pytest.raises(BundleError, match=r"decoder\.onnx does not match its checksum"):
-        Blip2Runtime(mixed)
+        _open_and_load(mixed, engines=False)  # the runtime that reads the portable decoder
     (mixed / "decoder.onnx").unlink()
     (mixed / "decoder.onnx").symlink_to(other / "decoder.onnx")
     with pytest.raises(BundleError, match=r"decoder\.onnx"):
-        Blip2Runtime(mixed)
+        Blip2Runtime(mixed)  # a symlink: refused when the names are resolved, before anything is read
 
 
 @pytest.mark.parametrize("name", ["../outside.onnx", "/etc/hostname", "sub/../../outside.onnx"])

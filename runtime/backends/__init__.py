@@ -158,7 +158,7 @@ def create_backend(name: str = "ort", **options) -> Backend:
 register_backend(BackendSpec(
     "ort", "ONNX Runtime (CPU; CUDA or TensorRT execution providers with the gpu/trt extras)",
     "runtime.backends.ort:OrtBackend", extra="cpu", options=("providers", "threads", "optimize", "engines",
-                                                             "int8_kernel")))
+                                                             "int8_kernel", "staging_dir")))
 register_backend(BackendSpec(
     "trt", "TensorRT engines built by 'blip2-export build --backend trt' (NVIDIA GPU)",
     "runtime.backends.trt:TrtBackend", extra="trt", options=("device",)))

@@ -12,7 +12,6 @@ fed (``OrtGraph.facts``, a :class:`runtime.backends.RunnerFacts`).
 
 from __future__ import annotations
 
-import functools
 import threading
 from pathlib import Path
 
@@ -28,9 +27,9 @@ from runtime.backends.int8_kernels import (
     calibrated_int8,
     choose,
 )
-from runtime.bundle_files import BundleFiles, printable
+from runtime.bundle_files import BundleFiles, Staging, printable
 from runtime.errors import Blip2Error, Blip2Warning, require
-from runtime.graph_check import PACKED_4BIT, ExternalTensor, check_graph, parse_graph
+from runtime.graph_check import ExternalTensor, check_graph, parse_graph
 from runtime.manifest import EngineRecord, GraphRecord, OrtEngineFacts
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8}
@@ -48,9 +47,8 @@ class OrtGraph:
     """One ONNX Runtime session. ``run`` is thread-safe (ORT sessions allow concurrent ``run``)."""
 
     def __init__(self, session, record: GraphRecord, *, kv_cache: str = KV_CONCAT, engine: str | None = None,
-                 kv_dtype: str | None = None, int8: Int8Choice | None = None, keep: list | None = None):
+                 kv_dtype: str | None = None, int8: Int8Choice | None = None):
         self.session = session
-        self._keep_alive = keep or []  # external initializers, where this ORT does not copy them
         self.record = record
         self.calls = 0
         self._lock = threading.Lock()
@@ -174,11 +172,13 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, providers: list[str] | None = None, threads: int | None = None, optimize: bool = True,
-                 engines: bool = True, int8_kernel: str | Int8Kernel = Int8Kernel.AUTO):
+                 engines: bool = True, int8_kernel: str | Int8Kernel = Int8Kernel.AUTO,
+                 staging_dir: str | None = None):
         """``optimize``: ORT graph optimizations at load; ``engines``: load ORT engine builds of graphs
         (fused attention, in-place KV cache) when the bundle has them, else the portable graphs;
         ``int8_kernel``: the weight form of calibrated int8 graphs (``auto``: the exact one for this CPU,
-        see :mod:`runtime.backends.int8_kernels`)."""
+        see :mod:`runtime.backends.int8_kernels`); ``staging_dir``: where the checked copies of graph data
+        are made while a graph loads (default ``$BLIP2_EXPORT_STAGING_DIR``, else the temp dir)."""
         self.ort = require("onnxruntime", "cpu")
         available = self.ort.get_available_providers()
         self.providers = providers or ["CPUExecutionProvider"]
@@ -191,6 +191,7 @@ class OrtBackend:
         self.optimize = optimize
         self.engines = engines
         self.int8_kernel = Int8Kernel.parse(int8_kernel)
+        self.staging_dir = staging_dir
         self._fp16_warned = False
 
     def int8_choice(self) -> Int8Choice:
@@ -219,10 +220,13 @@ class OrtBackend:
         return None
 
     def load(self, bundle: Path, record: GraphRecord, files: BundleFiles | None = None) -> OrtGraph:
-        """Load ``record`` from the bytes checked against the manifest (read once, never again by path).
+        """Load ``record`` from bytes checked against the manifest, each bundle file read once.
 
-        The graph is parsed and walked (:mod:`runtime.graph_check`) before ORT sees it; its external data
-        comes from the listed files, read once and checked, and reaches ORT from memory."""
+        The graph is read into memory, parsed and walked (:mod:`runtime.graph_check`) before ORT sees it.
+        Its external data files are copied into a private staging folder, hashed as they are copied
+        (:meth:`BundleFiles.stage`), and ORT loads the checked copies by path: it reads (or maps) them
+        itself, once, so the weights are never held twice in memory. The folder is removed as soon as the
+        session exists."""
         if record.transform_spec.name == "fp16" and self.providers == ["CPUExecutionProvider"] and _x86() \
                 and not self._fp16_warned:
             import warnings
@@ -247,39 +251,28 @@ class OrtBackend:
         model = parse_graph(raw, file)
         sizes = {name: files.size(name) for name, _, _ in listed}
         external = check_graph(model, sizes, file)
-        data = {}
-        for name, sha, size in listed:
-            if any(t.location == name for t in external):
-                data[name] = files.read(name, sha, size, what="external data file")
+        used = {t.location for t in external}
         so = self.session_options()
-        int8 = None
-        keep: list = []
-        if calibrated_int8(record):
-            int8 = self.int8_choice()
-        if int8 is not None and int8.ops:
-            raw = _weight_form_model(model, file, int8, data, external)
-        elif external:
-            packed = [t for t in external if t.data_type in PACKED_4BIT]
-            if packed:  # int4 weights (no numpy type to hand ORT): into the graph, from the checked bytes
-                raw = _inline_tensors(model, packed, data)
-                external = [t for t in external if t.data_type not in PACKED_4BIT]
-            names, values = [], []
-            for t in external:
-                values.append(self.ort.OrtValue.ortvalue_from_numpy(_array(t, data[t.location])))
-                names.append(t.name)
-            so.add_external_initializers(names, values)
-            keep = [] if _ort_copies_external_initializers() else [values, data]
-        del model
-        try:
-            sess = self.ort.InferenceSession(raw, sess_options=so, providers=self.providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise Blip2Error(f"ONNX Runtime cannot load {printable(file)}: {printable(first)[:300]}") from None
-        del raw, data, so
+        int8 = self.int8_choice() if calibrated_int8(record) else None
+        with Staging(self.staging_dir) as staging:
+            for name, sha, size in listed:
+                if name in used:
+                    files.stage(name, sha, size, staging)
+            if int8 is not None and int8.ops:
+                raw = _weight_form_model(model, int8, external, staging)
+            del model
+            graph_path = staging.path(_free_name("graph.onnx", {n for n, _, _ in listed}))
+            graph_path.write_bytes(raw)
+            del raw
+            try:
+                sess = self.ort.InferenceSession(str(graph_path), sess_options=so, providers=self.providers)
+            except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise Blip2Error(f"ONNX Runtime cannot load {printable(file)}: {printable(first)[:300]}") from None
         if found:
             return OrtGraph(sess, record, kv_cache=found[1].kv_cache, engine=file, kv_dtype=found[1].kv_dtype,
-                            int8=int8, keep=keep)
-        return OrtGraph(sess, record, int8=int8, keep=keep)
+                            int8=int8)
+        return OrtGraph(sess, record, int8=int8)
 
 
 def _ort():
@@ -288,79 +281,56 @@ def _ort():
     return onnxruntime
 
 
-@functools.lru_cache(maxsize=1)
-def _ort_copies_external_initializers() -> bool:
-    """Whether this ONNX Runtime copies initializers given by ``add_external_initializers`` (then the
-    caller's buffers can go once the session exists). Measured once per process on a 4-value graph."""
-    ort = _ort()
-    from onnx import TensorProto, helper
-
-    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
-    for k, v in (("location", "probe.data"), ("offset", "0"), ("length", "16")):
-        e = w.external_data.add()
-        e.key, e.value = k, v
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    arr = np.ones(4, np.float32)
-    so = ort.SessionOptions()
-    so.add_external_initializers(["w"], [ort.OrtValue.ortvalue_from_numpy(arr)])
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        sess = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
-        arr[:] = 5.0
-        y = sess.run(None, {"x": np.zeros(4, np.float32)})[0]
-    except Exception:  # noqa: BLE001 - keep the buffers: always correct
-        return False
-    return bool(np.all(y == 1.0))
-
-
 _ONNX_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
                9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
 
 
-def _inline_tensors(model, tensors: list[ExternalTensor], data: dict[str, bytearray]) -> bytes:
-    """``model`` serialized with ``tensors`` (external initializers) holding their values inline."""
-    by_name = {t.name: t for t in tensors}
-    for init in model.graph.initializer:
-        t = by_name.get(init.name)
-        if t is None:
-            continue
-        init.raw_data = bytes(data[t.location][t.offset:t.offset + t.length])
-        del init.external_data[:]
-        init.data_location = 0  # DEFAULT
-    return model.SerializeToString()
-
-
-def _array(t: ExternalTensor, data: bytearray) -> np.ndarray:
-    """A view of an external tensor's values in the bytes read from its data file (no copy)."""
-    dtype = np.dtype(_ONNX_NUMPY[t.data_type])
-    count = t.length // dtype.itemsize
-    return np.frombuffer(data, dtype, count=count, offset=t.offset).reshape(t.dims)
+def _free_name(name: str, taken: set[str]) -> str:
+    """``name``, prefixed with ``_`` until it is none of ``taken`` (the staged copies' names)."""
+    while name in taken:
+        name = "_" + name
+    return name
 
 
 PROTOBUF_LIMIT = 2**31 - 1
 
 
-def _weight_form_model(model, file: str, int8: Int8Choice, data: dict[str, bytearray],
-                       external: list[ExternalTensor]) -> bytes:
+FORM_DATA = "form/weights.data"  # rewritten weights, beside the staged copies (no bundle name has a "/")
+
+
+def _weight_form_model(model, int8: Int8Choice, external: list[ExternalTensor], staging: Staging) -> bytes:
     """``model`` (already walked) with its quantized-product weights in the ``int8`` form, serialized for ORT.
 
-    Rewritten in memory rather than through ``SessionOptions.add_initializer``: ORT's QDQ Conv fusion
+    Rewritten in the graph rather than through ``SessionOptions.add_initializer``: ORT's QDQ Conv fusion
     reads the weight from the model before session-level initializers apply, so an override there is
-    silently ignored (and u8u8 changes types). External data (the checked bytes of the graph's own
-    listed files) is brought into the graph."""
+    silently ignored (and u8u8 changes types). Each weight is read from its checked, staged copy; the
+    rewritten ones go to a staged file of their own, so the graph stays small."""
     require("onnx", "cpu")
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     where = {t.name: t for t in external}
-    for t in model.graph.initializer:
-        if t.name in where:
-            t.CopyFrom(numpy_helper.from_array(_array(where[t.name], data[where[t.name].location]), t.name))
-    apply_weight_form(model, int8.kernel, int8.ops, numpy_helper.to_array)
-    if model.ByteSize() > PROTOBUF_LIMIT:
-        raise Blip2Error(f"{file} is over 2 GiB: its {int8.kernel.value} int8 form cannot be built in memory",
-                         hint="run it with --int8-kernel u8s8 on a CPU with VNNI, or with fp32")
+
+    def load_tensor(t) -> np.ndarray:
+        e = where.get(t.name)
+        if e is None:
+            return numpy_helper.to_array(t)
+        dtype = np.dtype(_ONNX_NUMPY[e.data_type])
+        arr = np.fromfile(staging.path(e.location), dtype, count=e.length // dtype.itemsize, offset=e.offset)
+        return arr.reshape(e.dims)
+
+    apply_weight_form(model, int8.kernel, int8.ops, load_tensor)
+    out_path = staging.path(FORM_DATA)
+    out_path.parent.mkdir(mode=0o700)
+    with open(out_path, "wb") as out:
+        for t in model.graph.initializer:  # the rewritten (now inline) tensors of any size go to the file
+            if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) >= 1024:
+                offset = out.tell()
+                out.write(t.raw_data)
+                t.ClearField("raw_data")
+                del t.external_data[:]
+                for k, v in (("location", FORM_DATA), ("offset", str(offset)), ("length", str(out.tell() - offset))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v
+                t.data_location = TensorProto.EXTERNAL
+                out.write(b"\0" * (-out.tell() % 64))  # aligned, as ORT likes mapped data
     return model.SerializeToString()
