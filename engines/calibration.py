@@ -116,21 +116,30 @@ def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
         return _collect_retrieval(bundle, images, prompts, progress=progress)
     rt = Blip2Runtime(bundle, precision="fp32", backend="ort")
     cal = CalibrationSet()
-    for name in rt.manifest.required_graphs():
-        sink: list = cal.feeds.setdefault(name.value, [])
-        observe = cal.observe_kv if name is GraphName.DECODER else None
-        rt.wrap_graph(name, functools.partial(_Recorder, sink=sink, observe=observe))
+    vision = (GraphName.VISION, GraphName.QFORMER)
+
+    def record(names) -> None:
+        for name in names:
+            sink: list = cal.feeds.setdefault(name.value, [])
+            observe = cal.observe_kv if name is GraphName.DECODER else None
+            rt.wrap_graph(name, functools.partial(_Recorder, sink=sink, observe=observe))
+
+    record(vision)
     it: list[Path] = list(images)
     if progress:
         from tqdm import tqdm
 
         it = tqdm(it, desc="calibrate", unit="image")
+    # The image side runs first and is unloaded before the LLM loads, so the two are never in memory
+    # together (the calibration peak is the larger of them, not their sum: #13).
+    prefixes = [rt.image_features([load_image(path)]) for path in it]  # a bad image stops here
+    for name in vision:
+        rt.release_graph(name)
+    llm = [g for g in rt.manifest.required_graphs() if g not in vision]
+    record(llm)
     # Both LLM families generate (the T5 encoder, cross K/V and decoder feeds are what int4's GPTQ needs).
-    decoder = GraphName.DECODER.value in cal.feeds or GraphName.SEQ2SEQ_DECODER.value in cal.feeds
-    for path in it:
-        img = load_image(path)  # an unreadable image stops here, before anything is written
-        prefix = rt.image_features([img])
-        if decoder:
+    if GraphName.DECODER in llm or GraphName.SEQ2SEQ_DECODER in llm:
+        for prefix in prefixes:
             for p in prompts:
                 rt.generate(prompts=[p], prefix=prefix, max_new_tokens=decode_steps, min_new_tokens=decode_steps)
     for step_graph in (GraphName.DECODER.value, GraphName.SEQ2SEQ_DECODER.value):

@@ -58,6 +58,10 @@ class BundleRuntime:
                          + (f"; int8 kernel {f.int8.describe()}" if f.int8 is not None else ""))
         return lines
 
+    def release_graph(self, name: GraphName) -> None:
+        """Unload ``name`` (e.g. the vision graph once every image is encoded); it loads again on next use."""
+        self._graph_set.release(name)
+
     def wrap_graph(self, name: GraphName, wrap: Callable[[GraphRunner], GraphRunner]) -> GraphRunner:
         """Replace the runner of ``name`` by ``wrap(runner)`` (recorders, instrumentation); returns it."""
         return self._graph_set.wrap(name, wrap)

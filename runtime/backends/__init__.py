@@ -192,6 +192,11 @@ class GraphSet:
                     self.loaded[key] = self.backend.load(self.bundle, rec, BundleFiles(self.bundle, verify=self.verify))
         return self.loaded[key]
 
+    def release(self, name) -> None:
+        """Drop the runner of ``name`` (its memory goes once no caller holds it); the next use loads it again."""
+        with self._lock:
+            self.loaded.pop(name.value, None)
+
     def wrap(self, name, wrap) -> GraphRunner:
         """Load ``name`` if needed and replace its runner by ``wrap(runner)`` (e.g. a :class:`RunnerWrapper`)."""
         runner = self.get(name)
