@@ -41,6 +41,7 @@ from runtime.manifest import (
     GraphRecord,
     Manifest,
     file_record,
+    iter_files,
     load_manifest,
 )
 from runtime.precisions import PRECISIONS as SPECS
@@ -243,7 +244,10 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
                  echo: Callable[[str], None] | None = None) -> BuildReport:
     bundle = Path(bundle)
     say = echo or (lambda s: None)
-    manifest = load_manifest(bundle, verify=True)
+    manifest = load_manifest(bundle, verify=False)
+    # What the build reads: the shared files and the fp32 graphs it transforms (or the graphs it makes
+    # engines of); other precisions' files are not read (a full-size bundle holds tens of GB).
+    BundleFiles(bundle).verify_all(iter_files(manifest, {"fp32", config.precision}))
 
     check_bundle_graphs(bundle, manifest)  # before onnx.load follows any external-data path in a transform
     config.validate(manifest)
@@ -274,7 +278,8 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
         remove_stale_files(bundle, old_files - _files_of_all(updated) - set(new_files) - _role_files(updated))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    final = load_manifest(bundle, verify=True)
+    final = load_manifest(bundle, verify=False)
+    BundleFiles(bundle).verify_all(iter_files(final, {prec}))  # what this build wrote, read back
     report = BuildReport(bundle, prec, backend, transformed, engines=engine_names)
     for name, rec in final.graphs[prec].items():
         fp32 = final.graphs["fp32"].get(name)

@@ -254,7 +254,7 @@ class Staging:
         self.root = Path(root or os.environ.get(STAGING_ENV) or tempfile.gettempdir())
         self.dir: Path | None = None
 
-    def __enter__(self) -> Staging:
+    def __enter__(self) -> Staging:  # noqa: PYI034 - typing.Self needs Python 3.11; edge boxes run 3.10
         try:
             self.dir = Path(tempfile.mkdtemp(prefix="blip2-stage-", dir=self.root))
         except OSError as e:

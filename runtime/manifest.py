@@ -594,13 +594,15 @@ def graph_files(g: GraphRecord):
         yield e.file, e.sha256, None
 
 
-def iter_files(m: Manifest):
-    """Every (file name, sha256, size or None) the manifest vouches for."""
+def iter_files(m: Manifest, precisions=None):
+    """Every (file name, sha256, size or None) the manifest vouches for; with ``precisions``, the shared
+    files and the graphs of those precisions only."""
     for rec in m.files.values():
         yield rec.file, rec.sha256, rec.bytes
-    for graphs in m.graphs.values():
-        for g in graphs.values():
-            yield from graph_files(g)
+    for prec, graphs in m.graphs.items():
+        if precisions is None or prec in precisions:
+            for g in graphs.values():
+                yield from graph_files(g)
 
 
 def verify_files(bundle: Path, m: Manifest, *, verify: bool = True) -> None:
