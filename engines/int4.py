@@ -7,8 +7,9 @@ symmetric int4 codes ``q`` in [-8, 7] with one float32 scale per block of ``bloc
 
 The portable graph holds each weight as an ``INT4`` initializer behind a blockwise ``DequantizeLinear``
 (``block_size``, opset 21): what a strongly typed TensorRT network takes as INT4 weight-only, and what
-ONNX Runtime runs as is. The ORT engine build (:func:`lower_int4_weights`, called by
-``engines.ort_optimize``) turns each into ``com.microsoft.MatMulNBits`` with ``bits=4``.
+ONNX Runtime runs as is: its QDQ transformer fuses each pair into ``com.microsoft.MatMulNBits`` with
+``bits=4`` when a session is created (:func:`int4_layers`). The ORT engine build keeps the pairs, so
+the engine and the portable graph read the same int4 weights (stored once).
 
 How the codes are chosen (``method``):
 
@@ -36,7 +37,6 @@ import numpy as np
 
 from engines.int8 import float_outputs_nodes, quantize_per_channel
 from engines.onnx_utils import ensure_node_names, load_model, toposort
-from engines.tensor_store import is_external, make_tensor, read_external_bytes, tensor_array
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
 
@@ -326,6 +326,8 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
                 err_rtn += _output_error(w_nk, dequantize(qr, sr, b), h)
             else:
                 q, s = quantize_rtn(w_nk, b)
+            if trans_b and _gemm_as_matmul(node, w, model.graph.node, new_nodes):
+                trans_b = False  # now MatMul(x, W^T) (+ Add): the pair ONNX Runtime fuses on every version
             # [N, K] codes -> the weight's own layout; blocks run along K (axis 0 of [K, N], axis 1 of [N, K])
             qw, sw, axis = (q, s, 1) if trans_b else (q.T, s.T, 0)
             new_inits += [int4_tensor(w + "__int4", np.ascontiguousarray(qw)),
@@ -373,94 +375,50 @@ def _output_error(w_nk: np.ndarray, wq_nk: np.ndarray, h: np.ndarray) -> float:
 
 
 # -- the ORT engine: MatMulNBits ---------------------------------------------------------------------------
-def _int4_values(t) -> np.ndarray:
-    from onnx import TensorProto
+def _gemm_as_matmul(node, w: str, nodes, new_nodes: list) -> bool:
+    """Turn ``Gemm(x, W, bias, transB=1)`` into ``MatMul(x, W^T)`` (+ ``Add(bias)``), in place; False (and
+    nothing changed) when the Gemm scales its terms or ``W`` is read by another node. ONNX Runtime fuses
+    ``DequantizeLinear(int4) -> MatMul`` into MatMulNBits since 1.19, ``-> Gemm`` only in recent versions."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+        return False
+    if sum(list(n.input).count(w) for n in nodes) != 1:
+        return False
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    out = node.output[0]
+    node.op_type = "MatMul"
+    del node.attribute[:]
+    del node.input[2:]
+    if bias is not None:
+        node.output[0] = out + "__nobias"
+        new_nodes.append(helper.make_node("Add", [node.output[0], bias], [out], name=node.name + "__bias"))
+    return True
 
 
-    count = int(np.prod(t.dims))
-    if t.data_type != TensorProto.INT4:
-        raise ValueError(t.name)
-    if is_external(t):  # a lazily loaded graph (engines.tensor_store): read this tensor's bytes only
-        return unpack_int4(read_external_bytes(t), count).reshape(tuple(t.dims))
-    if t.raw_data:
-        return unpack_int4(t.raw_data, count).reshape(tuple(t.dims))
-    return np.array(t.int32_data, np.int32).astype(np.int8)[:count].reshape(tuple(t.dims))  # helper-packed
-
-
-def lower_int4_weights(model, writer=None) -> int:
-    """Replace ``DequantizeLinear(int4 blocks) -> MatMul/Gemm`` by ``com.microsoft.MatMulNBits`` (``bits=4``).
-
-    B is ``[N, blocks, block/2]`` bytes (codes + 8, low nibble first), scales ``[N * blocks]`` (float32);
-    no zero points (the op's default for 4 bits is 8, i.e. the symmetric codes). ``accuracy_level``
-    :data:`NBITS_ACCURACY_LEVEL`. Returns the number of layers lowered. ``writer``
-    (:class:`engines.tensor_store.DataWriter`): where each new weight goes as soon as it is made.
-    """
+def int4_layers(model) -> int:
+    """The ``DequantizeLinear(int4 blocks along K) -> MatMul`` pairs of ``model`` that ONNX Runtime fuses
+    into ``com.microsoft.MatMulNBits`` (``bits=4``) when a session is created (its QDQ
+    ``DQMatMulToMatMulNBits`` transformer, ``accuracy_level`` from the session's
+    ``session.qdq_matmulnbits_accuracy_level``): a constant INT4 weight with one scale per block, no zero
+    point, read by one MatMul only. The ORT engine leaves these as they are, so the int4 weights are stored
+    once (in the portable graph's data file) and read by both graphs."""
     from onnx import TensorProto, helper
 
-
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
+    inits = {t.name: t for t in model.graph.initializer}
+    users: dict[str, list] = {}
+    for n in model.graph.node:
         for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    lowered = 0
-    drop_nodes: set[str] = set()
-    drop_inits: set[str] = set()
-    new_inits, adds = [], []
-    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+            users.setdefault(i, []).append(n)
+    count = 0
+    for dq in model.graph.node:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        t = inits[dq.input[0]]
         attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
-        q_init = inits.get(dq.input[0])
-        if q_init is None or q_init.data_type != TensorProto.INT4 or "block_size" not in attrs or len(q_init.dims) != 2:
-            continue
-        if len(dq.input) > 2 and dq.input[2]:
-            continue
-        users = consumers.get(dq.output[0], [])
-        if len(users) != 1 or dq.input[1] not in inits:
-            continue
-        mm = users[0]
-        mattrs = {a.name: helper.get_attribute_value(a) for a in mm.attribute}
-        if mm.op_type == "MatMul" and mm.input[1] == dq.output[0]:
-            trans_b, bias = False, None
-        elif (mm.op_type == "Gemm" and mm.input[1] == dq.output[0] and not mattrs.get("transA", 0)
-              and mattrs.get("alpha", 1.0) == 1.0 and mattrs.get("beta", 1.0) == 1.0):
-            trans_b = bool(mattrs.get("transB", 0))
-            bias = mm.input[2] if len(mm.input) > 2 and mm.input[2] else None
-        else:
-            continue
-        block, axis = int(attrs["block_size"]), int(attrs.get("axis", 1))
-        q = _int4_values(q_init)
-        s = tensor_array(inits[dq.input[1]]).astype(np.float32)
-        if (axis % 2) != (1 if trans_b else 0):
-            continue  # blocks must run along K
-        q_nk, s_nb = (q, s) if trans_b else (q.T, s.T)
-        n_out, k = q_nk.shape
-        if k % block or block < 16 or block & (block - 1):
-            continue
-        blocks = k // block
-        u = (q_nk.astype(np.int16) + 8).astype(np.uint8).reshape(n_out, blocks, block // 2, 2)
-        packed = (u[..., 0] | (u[..., 1] << 4)).astype(np.uint8)
-        name = dq.input[0] + "__nbits"
-        new_inits += [make_tensor(packed, name, writer),
-                      make_tensor(np.ascontiguousarray(s_nb).reshape(-1), name + "_scales", writer)]
-        out = mm.output[0] if bias is None else mm.output[0] + "__nobias"
-        adds.append(helper.make_node("MatMulNBits", [mm.input[0], name, name + "_scales"], [out],
-                                     name=mm.name + "__nbits", domain="com.microsoft", K=k, N=n_out, bits=4,
-                                     block_size=block, accuracy_level=NBITS_ACCURACY_LEVEL))
-        if bias is not None:
-            adds.append(helper.make_node("Add", [out, bias], [mm.output[0]], name=mm.name + "__bias"))
-        drop_nodes.update((dq.name, mm.name))
-        drop_inits.update(x for x in dq.input if x in inits)
-        lowered += 1
-    if not lowered:
-        return 0
-    inits_kept = [t for t in graph.initializer if t.name not in drop_inits] + new_inits
-    del graph.initializer[:]
-    graph.initializer.extend(inits_kept)
-    kept = [n for n in graph.node if n.name not in drop_nodes]
-    del graph.node[:]
-    graph.node.extend(kept + adds)
-    toposort(model)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return lowered
+        readers = users.get(dq.output[0], [])
+        if (t.data_type == TensorProto.INT4 and "block_size" in attrs and len(readers) == 1
+                and readers[0].op_type == "MatMul" and readers[0].input[1] == dq.output[0]):
+            count += 1
+    return count

@@ -54,6 +54,7 @@ class Transform:
     calibrated: bool = False  # needs calibration data (activation ranges, or activation statistics)
     ort_engine: str | None = None
     int8_activations: bool = False  # its products take int8 activations (the CPU weight-form choice applies)
+    int4_weights: bool = False  # int4 blocks behind DequantizeLinear, which ORT fuses into MatMulNBits at load
 
 
 TRANSFORMS: dict[str, Transform] = {t.name: t for t in (
@@ -64,9 +65,9 @@ TRANSFORMS: dict[str, Transform] = {t.name: t for t in (
     Transform("int8-weight", "weight-only int8, per output channel; activations float", ort_engine="weights"),
     Transform("int4-gptq", "weight-only int4 in blocks along K, one scale per block, codes chosen with GPTQ error "
                            "feedback on calibration activations; activations float",
-              calibrated=True, ort_engine="weights"),
+              calibrated=True, ort_engine="weights", int4_weights=True),
     Transform("int4-rtn", "weight-only int4 in blocks along K, one scale per block, plain rounding; activations "
-                          "float", ort_engine="weights"),
+                          "float", ort_engine="weights", int4_weights=True),
 )}
 
 
@@ -169,7 +170,8 @@ PRECISIONS: dict[str, PrecisionSpec] = {p.name: p for p in (
                 "vision and Q-Former",
         "float32", {**_QUANT_VISION, Role.LLM: "int4-gptq"},
         ParityThresholds(stage_max_abs=None, stage_cosine=0.98, token_agreement=0.5, forced_top1=0.85),
-        ort=EngineRecipe(True, "LLM weights as MatMulNBits bits=4 (LM head int4 or int8); vision/Q-Former as int8"),
+        ort=EngineRecipe(True, "LLM weights as MatMulNBits bits=4, fused by ONNX Runtime at load from the portable "
+                               "graph's int4 weights (LM head int4 or int8); vision/Q-Former as int8"),
         trt=EngineRecipe(True, "strongly typed engines; int4 weights through blockwise DequantizeLinear (opset 21)"),
         choices={Role.VISION: _INT4_VISION, Role.QFORMER: _INT4_VISION, Role.RETRIEVAL: _INT4_VISION,
                  Role.LLM: RoleChoice("int4_method", "--int4-method", {"gptq": "int4-gptq", "rtn": "int4-rtn"})},

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from engines.int4 import NBITS_ACCURACY_LEVEL as INT4_ACCURACY_LEVEL
-from engines.int4 import lower_int4_weights
+from engines.int4 import int4_layers
 from engines.onnx_utils import EXTERNAL_DATA_THRESHOLD
 from engines.ort.activations import uint8_activations
 from engines.ort.attention import fuse_decoder_attention
@@ -81,7 +81,7 @@ def _weights(ctx: EngineContext) -> dict:
 
 def _weights_required(ctx: EngineContext) -> dict:
     notes = _weights(ctx)
-    if not notes:
+    if not (notes.keys() - {"int4_matmul"}):  # int4 layers alone: ORT fuses them in the portable graph itself
         raise PatternError(f"{ctx.src.name} has no int8 weights to lower or fold")
     return notes
 
@@ -193,16 +193,19 @@ def _check_int8_mode(int8: str) -> None:
 
 def _engine_int8_weights(model, int8: str, writer=None) -> dict:
     """Lower (``"nbits"``) and/or fold the weight-only int8 layers of ``model``, and lower its int4 blocks
-    (:func:`engines.int4.lower_int4_weights`); return the manifest notes saying what was done (empty when
+    (left to ORT, :func:`engines.int4.int4_layers`); return the manifest notes saying what was done (empty when
     the graph has no int8 or int4 weights). ``writer``: where new weights go as they are made."""
 
-    lowered4 = lower_int4_weights(model, writer=writer)  # int4 blocks (int4 builds) always run as MatMulNBits bits=4
+    # int4 blocks stay DequantizeLinear -> MatMul on the portable graph's own weights (stored once): ONNX
+    # Runtime fuses each pair into MatMulNBits bits=4 when the session is created (ORT_FUSES_INT4)
+    fused4 = int4_layers(model)
     lowered = lower_int8_weights(model, writer=writer) if int8 == "nbits" else 0
     folded = fold_int8_weights(model, writer)
     notes: dict[str, Any] = {}
-    if lowered4:
-        notes["int4_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 4, "layers": lowered4,
-                                "accuracy_level": INT4_ACCURACY_LEVEL,
+    if fused4:
+        notes["int4_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 4, "layers": fused4,
+                                "accuracy_level": INT4_ACCURACY_LEVEL, "made": "by ONNX Runtime at load, from "
+                                "DequantizeLinear(int4 blocks) -> MatMul on the portable graph's weights",
                                 "activations": "int8 per weight block, quantized at run time"}
     if lowered:
         notes["int8_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 8,

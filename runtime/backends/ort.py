@@ -207,6 +207,9 @@ class OrtBackend:
             so.inter_op_num_threads = 1
         so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        # int4 graphs: ORT fuses DequantizeLinear(int4 blocks) -> MatMul into MatMulNBits with this level
+        # (4: activations quantized to int8 per block, the fast kernel; it is ORT's default, said here)
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(NBITS_ACCURACY_LEVEL))
         return so
 
     def engine_for(self, record: GraphRecord) -> tuple[EngineRecord, OrtEngineFacts] | None:
@@ -236,6 +239,11 @@ class OrtBackend:
                           "there and keeps fp32 copies of the weights (more memory than the fp32 graphs, fp32 "
                           "speed); on this machine use --precision fp32 (exact) or int8 (fastest)",
                           Blip2Warning, stacklevel=2)
+        int4 = record.transform_spec.int4_weights
+        if int4 and _version(self.ort.__version__) < MIN_ORT_INT4:
+            raise Blip2Error(f"int4 graphs need ONNX Runtime {'.'.join(map(str, MIN_ORT_INT4))} or newer (it fuses "
+                             f"their int4 blocks into MatMulNBits); this is {self.ort.__version__}",
+                             hint="pip install -U 'onnxruntime>=1.20', or run --precision int8")
         files = files or BundleFiles(bundle)
         found = self.engine_for(record)
         if found:
@@ -264,8 +272,12 @@ class OrtBackend:
             graph_path = staging.path(_free_name("graph.onnx", {n for n, _, _ in listed}))
             graph_path.write_bytes(raw)
             del raw
+            # int4: MatMul + Add -> Gemm would run before (and so prevent) ORT's DequantizeLinear(int4) ->
+            # MatMul -> MatMulNBits fusion, leaving those layers to dequantize their weights at every run
+            off = ["MatMulAddFusion"] if int4 else []
             try:
-                sess = self.ort.InferenceSession(str(graph_path), sess_options=so, providers=self.providers)
+                sess = self.ort.InferenceSession(str(graph_path), sess_options=so, providers=self.providers,
+                                                 disabled_optimizers=off)
             except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise Blip2Error(f"ONNX Runtime cannot load {printable(file)}: {printable(first)[:300]}") from None
@@ -273,6 +285,19 @@ class OrtBackend:
             return OrtGraph(sess, record, kv_cache=found[1].kv_cache, engine=file, kv_dtype=found[1].kv_dtype,
                             int8=int8)
         return OrtGraph(sess, record, int8=int8)
+
+
+NBITS_ACCURACY_LEVEL = 4
+MIN_ORT_INT4 = (1, 20)  # DequantizeLinear(int4 blocks) -> MatMul fused into MatMulNBits (ORT 1.19+)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as ``1.23.2`` or ``1.24.0.dev20250101``."""
+    parts = []
+    for p in text.split(".")[:2]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def _ort():
