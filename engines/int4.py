@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from engines.int8 import float_outputs_nodes, quantize_per_channel
-from engines.onnx_utils import ensure_node_names, load_model, toposort
+from engines.onnx_utils import ensure_node_names, gemm_as_matmul, load_model, toposort
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
 
@@ -326,7 +326,7 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
                 err_rtn += _output_error(w_nk, dequantize(qr, sr, b), h)
             else:
                 q, s = quantize_rtn(w_nk, b)
-            if trans_b and _gemm_as_matmul(node, w, model.graph.node, new_nodes):
+            if trans_b and gemm_as_matmul(node, w, model.graph.node, new_nodes):
                 trans_b = False  # now MatMul(x, W^T) (+ Add): the pair ONNX Runtime fuses on every version
             # [N, K] codes -> the weight's own layout; blocks run along K (axis 0 of [K, N], axis 1 of [N, K])
             qw, sw, axis = (q, s, 1) if trans_b else (q.T, s.T, 0)
@@ -375,28 +375,6 @@ def _output_error(w_nk: np.ndarray, wq_nk: np.ndarray, h: np.ndarray) -> float:
 
 
 # -- the ORT engine: MatMulNBits ---------------------------------------------------------------------------
-def _gemm_as_matmul(node, w: str, nodes, new_nodes: list) -> bool:
-    """Turn ``Gemm(x, W, bias, transB=1)`` into ``MatMul(x, W^T)`` (+ ``Add(bias)``), in place; False (and
-    nothing changed) when the Gemm scales its terms or ``W`` is read by another node. ONNX Runtime fuses
-    ``DequantizeLinear(int4) -> MatMul`` into MatMulNBits since 1.19, ``-> Gemm`` only in recent versions."""
-    from onnx import helper
-
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
-        return False
-    if sum(list(n.input).count(w) for n in nodes) != 1:
-        return False
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    out = node.output[0]
-    node.op_type = "MatMul"
-    del node.attribute[:]
-    del node.input[2:]
-    if bias is not None:
-        node.output[0] = out + "__nobias"
-        new_nodes.append(helper.make_node("Add", [node.output[0], bias], [out], name=node.name + "__bias"))
-    return True
-
-
 def int4_layers(model) -> int:
     """The ``DequantizeLinear(int4 blocks along K) -> MatMul`` pairs of ``model`` that ONNX Runtime fuses
     into ``com.microsoft.MatMulNBits`` (``bits=4``) when a session is created (its QDQ

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.onnx_utils import ensure_node_names, load_model, producer_through, toposort
+from engines.onnx_utils import ensure_node_names, gemm_as_matmul, load_model, producer_through, toposort
 from engines.tensor_store import load_lazy, tensor_array
 from runtime.contract import GraphIO, GraphName
 from runtime.errors import Blip2Error
@@ -326,6 +326,8 @@ def quantize_weights(src: str | Path, graph: str, io: GraphIO, exclude: tuple[st
             continue
         arr = tensor_array(inits[w]).astype(np.float32, copy=False)
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        if trans_b and gemm_as_matmul(node, w, model.graph.node, new_nodes):
+            arr, trans_b = np.ascontiguousarray(arr.T), False  # MatMul(x, W^T) + Add: [K, N], rows kept whole
         axis = 0 if trans_b else 1  # the output-channel axis of the weight
         q, scale = quantize_per_channel(arr, axis)
         del arr

@@ -102,3 +102,26 @@ def fresh_name(taken: set[str], stem: str, suffix: str) -> str:
         if cand not in taken and f"{cand}.data" not in taken:
             return cand
     raise AssertionError(f"both {stem}{suffix} and its twin are in use")  # a manifest names one graph file
+
+
+def gemm_as_matmul(node, w: str, nodes, new_nodes: list) -> bool:
+    """Turn ``Gemm(x, W, bias, transB=1)`` into ``MatMul(x, W^T)`` (+ ``Add(bias)``), in place; False (and
+    nothing changed) when the Gemm scales its terms or ``W`` is read by another node; the caller stores
+    ``W`` transposed. Quantized weights behind a MatMul are what ONNX Runtime fuses (int4, since 1.19;
+    ``-> Gemm`` only in recent versions) and what the engine's row-wise passes take ([batch, seq, K] in)."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+        return False
+    if sum(list(n.input).count(w) for n in nodes) != 1:
+        return False
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    out = node.output[0]
+    node.op_type = "MatMul"
+    del node.attribute[:]
+    del node.input[2:]
+    if bias is not None:
+        node.output[0] = out + "__nobias"
+        new_nodes.append(helper.make_node("Add", [node.output[0], bias], [out], name=node.name + "__bias"))
+    return True

@@ -63,14 +63,8 @@ from engines.ort.pipelines import (
     wants_engine,
 )
 from engines.ort.reshapes import ROW_OPS, drop_row_reshapes
-from engines.ort.weights import (
-    INT8_MODES,
-    NBITS_ACCURACY_LEVEL,
-    NBITS_BLOCK,
-    fold_int8_weights,
-    lower_int8_weights,
-    pack_qkv,
-)
+from engines.ort.weights import INT8_MODES, fold_int8_weights, pack_qkv
+from runtime.backends.nbits import NBITS_ACCURACY_LEVEL, NBITS_BLOCK
 from runtime.manifest import KV_SHARED
 
-__all__ = ["ATTENTION_OP", "INT8_MODES", "KV_INT8_MARGIN", "KV_SHARED", "NBITS_ACCURACY_LEVEL", "NBITS_BLOCK", "PIPELINES", "ROW_OPS", "SHAPE_OPS", "WEIGHT_ONLY_GRAPHS", "EngineContext", "EnginePass", "FuseResult", "GraphView", "PatternError", "add_ort_engines", "attach_ort_engine", "build_decoder_engine", "build_engine", "build_qdq_engine", "build_weights_engine", "const_ndim", "const_source", "const_value", "drop_row_reshapes", "engine_record_fields", "fold_int8_weights", "fuse_decoder_attention", "kv_cache_scales", "last_position_logits", "lower_int8_weights", "pack_qkv", "prune", "quantize_kv_cache", "shape_expr", "toposort_append", "uint8_activations", "wants_engine"]
+__all__ = ["ATTENTION_OP", "INT8_MODES", "KV_INT8_MARGIN", "KV_SHARED", "NBITS_ACCURACY_LEVEL", "NBITS_BLOCK", "PIPELINES", "ROW_OPS", "SHAPE_OPS", "WEIGHT_ONLY_GRAPHS", "EngineContext", "EnginePass", "FuseResult", "GraphView", "PatternError", "add_ort_engines", "attach_ort_engine", "build_decoder_engine", "build_engine", "build_qdq_engine", "build_weights_engine", "const_ndim", "const_source", "const_value", "drop_row_reshapes", "engine_record_fields", "fold_int8_weights", "fuse_decoder_attention", "kv_cache_scales", "last_position_logits", "pack_qkv", "prune", "quantize_kv_cache", "shape_expr", "toposort_append", "uint8_activations", "wants_engine"]

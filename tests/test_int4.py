@@ -341,3 +341,26 @@ def test_input_hessians_are_held_a_group_at_a_time_within_the_budget(tmp_path):
     assert one.passes == 1 and split.passes == 2
     one.close()
     split.close()
+
+
+def test_quantized_engines_keep_the_portable_weights(built):
+    """#13/#16: the int8 and int4 decoder engines read the portable graph's quantized weights (stored once);
+    the only quantized tensors of their own are each layer's packed q|k|v (int8)."""
+    import onnx
+
+    bundle, _, _ = built
+    m = load_manifest(bundle)
+    quantized = (onnx.TensorProto.INT8, onnx.TensorProto.INT4)
+
+    def weights(path):
+        g = onnx.load(str(path), load_external_data=False)
+        return {t.name: (t.raw_data, tuple((e.key, e.value) for e in t.external_data)) for t in g.graph.initializer
+                if t.data_type in quantized}
+
+    for prec in ("int8", "int4"):
+        dec = m.graph("decoder", prec)
+        portable, engine = weights(bundle / dec.file), weights(bundle / dec.notes["ort_engine"]["file"])
+        own = {n for n in engine if n not in portable}
+        assert own == {n for n in engine if "/qkv/" in n}, (prec, sorted(own)[:5])
+        assert all(engine[n] == portable[n] for n in engine if n not in own), prec
+        assert len(engine) > len(own) > 0 or (prec == "int4" and not own), prec

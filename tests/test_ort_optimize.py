@@ -175,7 +175,8 @@ def test_add_engines_to_an_existing_bundle(bundle_copy):
 
 @pytest.mark.parametrize("mode", ["fold", "nbits"])
 def test_weight_only_int8_engine(tiny_bundle, tmp_path, mode):
-    """nbits (default): one MatMulNBits per layer reads the int8 bytes (activations quantized at run time).
+    """nbits (default): one MatMulNBits per layer reads the int8 bytes (activations quantized at run time);
+    the engine keeps the portable int8 weights (stored once) and the runtime lowers them as it loads.
     fold: DequantizeLinear of int8 weights computed once, same values as the int8 graph."""
     import onnxruntime as ort
 
@@ -191,7 +192,19 @@ def test_weight_only_int8_engine(tiny_bundle, tmp_path, mode):
     save_model_atomic(q.model, tmp_path / "decoder.int8.onnx")
     _, notes = build_decoder_engine(tmp_path / "decoder.int8.onnx", tmp_path / "engine.onnx", int8=mode,
                                     layers=m.model.llm_layers, heads=m.model.llm_heads, head_dim=m.model.head_dim)
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "engine.onnx")).graph.node]
+    engine_model = onnx.load(str(tmp_path / "engine.onnx"))
+    if mode == "nbits":  # the portable form, q|k|v packed: what the runtime lowers as it loads the engine
+        assert notes["int8_at_load"] and notes["qkv_packed"] == m.model.llm_layers
+        assert [n.op_type for n in engine_model.graph.node].count("DequantizeLinear") == dq - 2 * notes["qkv_packed"]
+        from onnx import numpy_helper
+
+        from runtime.backends.nbits import lower_int8_layers
+
+        inits = {t.name: t for t in engine_model.graph.initializer}
+        lower_int8_layers(engine_model, lambda n: numpy_helper.to_array(inits[n]) if n in inits else None,
+                          lambda a, n: numpy_helper.from_array(a, n))
+        onnx.save(engine_model, str(tmp_path / "engine.onnx"))
+    ops = [n.op_type for n in engine_model.graph.node]
     assert "DequantizeLinear" not in ops
     if mode == "nbits":
         # q, k and v of each layer end up in one packed MatMulNBits

@@ -19,14 +19,7 @@ from engines.ort.graph import PatternError
 from engines.ort.kv_cache import KV_INT8_MARGIN, quantize_kv_cache
 from engines.ort.logits import last_position_logits
 from engines.ort.reshapes import drop_row_reshapes
-from engines.ort.weights import (
-    INT8_MODES,
-    NBITS_ACCURACY_LEVEL,
-    NBITS_BLOCK,
-    fold_int8_weights,
-    lower_int8_weights,
-    pack_qkv,
-)
+from engines.ort.weights import INT8_MODES, fold_int8_weights, pack_qkv
 from engines.tensor_store import (
     external_info,
     is_external,
@@ -35,6 +28,7 @@ from engines.tensor_store import (
     save_streaming,
     weight_bytes,
 )
+from runtime.backends.nbits import NBITS_ACCURACY_LEVEL, NBITS_BLOCK, int8_layers
 from runtime.contract import GraphName
 from runtime.errors import Blip2Error, require
 from runtime.integrity import atomic_write_text
@@ -192,15 +186,19 @@ def _check_int8_mode(int8: str) -> None:
 
 
 def _engine_int8_weights(model, int8: str, writer=None) -> dict:
-    """Lower (``"nbits"``) and/or fold the weight-only int8 layers of ``model``, and lower its int4 blocks
-    (left to ORT, :func:`engines.int4.int4_layers`); return the manifest notes saying what was done (empty when
-    the graph has no int8 or int4 weights). ``writer``: where new weights go as they are made."""
+    """Say how the weight-only int8 and int4 layers of ``model`` run, and fold them (``int8="fold"``);
+    return the manifest notes (empty when the graph has no int8 or int4 weights). ``writer``: where new
+    weights go as they are made.
 
-    # int4 blocks stay DequantizeLinear -> MatMul on the portable graph's own weights (stored once): ONNX
-    # Runtime fuses each pair into MatMulNBits bits=4 when the session is created (ORT_FUSES_INT4)
+    The layers keep the portable graph's weights, so the bundle stores them once: int4 blocks stay
+    ``DequantizeLinear -> MatMul``, which ONNX Runtime fuses into MatMulNBits bits=4 as it loads the
+    graph (:func:`engines.int4.int4_layers`); int8 layers (``"nbits"``) are lowered to MatMulNBits bits=8
+    by the runtime while it stages the graph (:func:`runtime.backends.nbits.lower_int8_layers`,
+    ``notes["int8_at_load"]``)."""
+
     fused4 = int4_layers(model)
-    lowered = lower_int8_weights(model, writer=writer) if int8 == "nbits" else 0
-    folded = fold_int8_weights(model, writer)
+    lowered = int8_layers(model) if int8 == "nbits" else 0
+    folded = fold_int8_weights(model, writer) if int8 == "fold" else 0
     notes: dict[str, Any] = {}
     if fused4:
         notes["int4_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 4, "layers": fused4,
@@ -210,8 +208,9 @@ def _engine_int8_weights(model, int8: str, writer=None) -> dict:
     if lowered:
         notes["int8_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 8,
                                 "accuracy_level": NBITS_ACCURACY_LEVEL, "block_size": NBITS_BLOCK,
-                                "layers": lowered,
+                                "layers": lowered, "made": "by the runtime at load, from the portable weights",
                                 "activations": f"int8 per block of {NBITS_BLOCK} inputs, quantized at run time"}
+        notes["int8_at_load"] = True
     if folded:
         notes["int8_weights_folded"] = folded  # DequantizeLinear computed once: fp32 weights, same values
     return notes

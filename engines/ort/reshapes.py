@@ -16,6 +16,12 @@ ROW_OPS = ("LayerNormalization", "MatMulNBits", "MatMul", "Add", "Sub", "Mul", "
 
 
 
+def _dq_weight(g, tensor: str) -> bool:
+    """``tensor`` is a 2-D weight behind ``DequantizeLinear`` of a constant (int8, int4)."""
+    dq = g.producer.get(tensor)
+    return dq is not None and dq.op_type == "DequantizeLinear" and const_ndim(g, dq.input[0]) == 2
+
+
 def drop_row_reshapes(model) -> int:
     """Remove each flatten-to-rows / restore pair of ``Reshape`` around row-wise work.
 
@@ -51,7 +57,7 @@ def drop_row_reshapes(model) -> int:
                     ends.append(n)
                     accepted.add(n.name)
                     continue
-                data = [i for i in n.input if i and const_source(g, i) is None]
+                data = [i for i in n.input if i and const_source(g, i) is None and not _dq_weight(g, i)]
                 if n.op_type not in ROW_OPS or not all(i in region for i in data[:1]):
                     ok = False
                     break
@@ -59,8 +65,8 @@ def drop_row_reshapes(model) -> int:
                     continue  # an input is still outside: wait for it (the residual add of the MLP's output)
                 if n.op_type == "LayerNormalization":
                     ok = next((a.i for a in n.attribute if a.name == "axis"), -1) == -1
-                elif n.op_type == "MatMul":
-                    ok = const_ndim(g, n.input[1]) == 2
+                elif n.op_type == "MatMul":  # a constant weight, or one behind DequantizeLinear (int8, int4)
+                    ok = const_ndim(g, n.input[1]) == 2 or _dq_weight(g, n.input[1])
                 elif n.op_type != "MatMulNBits":
                     ok = all(i in region or (const_ndim(g, i) or 0) <= 1 for i in n.input if i)
                 if not ok or any(o in outputs for o in n.output):

@@ -54,81 +54,20 @@ def fold_int8_weights(model, writer=None) -> int:
     return folded
 
 
-NBITS_BLOCK = 128  # MatMulNBits block: the activations are quantized per block of this many inputs
-NBITS_ACCURACY_LEVEL = 4  # MLAS's int8-compute kernel (levels 0-1 dequantize to fp32: ~4x slower here)
-
-
-def lower_int8_weights(model, *, block_size: int = NBITS_BLOCK, writer=None) -> int:
-    """Replace ``DequantizeLinear(int8 weight) -> MatMul/Gemm`` by ``com.microsoft.MatMulNBits`` (8 bits).
-
-    ``int8="nbits"``: MatMulNBits reads the int8 bytes directly (a quarter of fp32's memory traffic per
-    decode step) and, with ``accuracy_level`` 4, multiplies them with the activations quantized to int8
-    per block of ``block_size`` inputs at run time (one scale per block of each row): W8A8 with fine
-    activation blocks rather than the recipe's weight-only arithmetic. Symmetric per-channel weights map
-    exactly (uint8 with zero point 128, the channel's scale repeated over its blocks). Returns the
-    number of layers lowered; anything else is left alone. ``writer``: as for :func:`fold_int8_weights`.
-    """
-    from onnx import helper
-
-
-    graph = model.graph
-    g = GraphView(model)
-    lowered = 0
-    drop_nodes: set[str] = set()
-    drop_inits: set[str] = set()
-    new_inits, adds = [], []
-    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
-        q, scale = g.const(dq.input[0]), g.const(dq.input[1])
-        zero = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-        users = g.consumers.get(dq.output[0], [])
-        if (q is None or scale is None or q.dtype != np.int8 or q.ndim != 2 or len(users) != 1
-                or (zero is not None and zero.any()) or dq.input[0] not in g.inits):
-            continue
-        mm = users[0]
-        attrs = {a.name: helper.get_attribute_value(a) for a in mm.attribute}
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        if mm.op_type == "MatMul" and len(mm.input) == 2 and mm.input[1] == dq.output[0]:
-            trans_b, bias = False, None
-        elif (mm.op_type == "Gemm" and mm.input[1] == dq.output[0] and not attrs.get("transA", 0)
-              and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0):
-            trans_b, bias = bool(attrs.get("transB", 0)), (mm.input[2] if len(mm.input) > 2 and mm.input[2] else None)
-        else:
-            continue
-        w_nk = q if trans_b else q.T  # [N, K]
-        channel_axis = 0 if trans_b else 1
-        if axis % 2 != channel_axis or scale.size != w_nk.shape[0]:
-            continue
-        n_out, k = w_nk.shape
-        block = next((b for b in (block_size, 16) if k % b == 0), None)
-        if block is None:
-            continue
-        blocks = k // block
-        name = dq.input[0] + "__nbits"
-        packed = (w_nk.astype(np.int16) + 128).astype(np.uint8).reshape(n_out, blocks, block)
-        new_inits += [make_tensor(packed, name, writer),
-                      make_tensor(np.repeat(scale.astype(np.float32).reshape(-1), blocks), name + "_scales", writer),
-                      make_tensor(np.full(n_out * blocks, 128, np.uint8), name + "_zero_points", writer)]
-        del packed, w_nk, q
-        out = mm.output[0] if bias is None else mm.output[0] + "__nobias"
-        adds.append(helper.make_node("MatMulNBits", [mm.input[0], name, name + "_scales", name + "_zero_points"],
-                                     [out], name=mm.name + "__nbits", domain="com.microsoft", K=k, N=n_out, bits=8,
-                                     block_size=block, accuracy_level=NBITS_ACCURACY_LEVEL))
-        if bias is not None:
-            adds.append(helper.make_node("Add", [out, bias], [mm.output[0]], name=mm.name + "__bias"))
-        drop_nodes.update((dq.name, mm.name))
-        drop_inits.update(x for x in dq.input if x in g.inits)
-        lowered += 1
-    if not lowered:
-        return 0
-    kept = [n for n in graph.node if n.name not in drop_nodes]
-    del graph.node[:]
-    graph.node.extend(kept)
-    toposort_append(graph, adds)
-    inits = [t for t in graph.initializer if t.name not in drop_inits] + new_inits
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    prune(graph)
-    return lowered
+def _int8_dq_weight(g: GraphView, mm) -> list | None:
+    """``[q, scale, zero point]`` of a MatMul whose weight is ``DequantizeLinear`` of a constant int8
+    ``[K, N]`` with one scale per output channel (the weight-only int8 form), else None."""
+    dq = g.producer.get(mm.input[1])
+    if dq is None or dq.op_type != "DequantizeLinear" or len(g.consumers.get(dq.output[0], [])) != 1:
+        return None
+    if next((a.i for a in dq.attribute if a.name == "axis"), 1) != 1 or len(dq.input) != 3:
+        return None
+    q, scale, zero = (const_value(g, x) for x in dq.input)
+    if q is None or scale is None or zero is None or q.dtype != np.int8 or q.ndim != 2 or zero.any():
+        return None
+    if scale.shape != (q.shape[1],) or zero.shape != (q.shape[1],):
+        return None
+    return [q, scale, zero]
 
 
 def pack_qkv(model, writer=None) -> int:
@@ -137,8 +76,9 @@ def pack_qkv(model, writer=None) -> int:
 
     At batch 1 a decode step's 768x768 projections are small enough that dispatching each one costs
     about as much as reading its weight; one 768x2304 product per layer reads the same bytes in one go.
-    Works on constant fp32 weights (``MatMul``) and on ``MatMulNBits``; the values are the same (the
-    output columns are just concatenated). Returns the number of layers packed. ``writer``: as for
+    Works on constant fp32 weights (``MatMul``), on int8 weights behind a per-channel ``DequantizeLinear``
+    (kept in that form: the runtime lowers it at load) and on ``MatMulNBits``; the values are the same
+    (the output columns are just concatenated). Returns the number of layers packed. ``writer``: as for
     :func:`fold_int8_weights`.
     """
     from onnx import helper
@@ -168,7 +108,9 @@ def pack_qkv(model, writer=None) -> int:
                 break
             if mm.op_type == "MatMulNBits" and len(mm.input) not in (3, 4):  # 3: int4, default zero points
                 break
-            weights = [const_value(g, x) for x in mm.input[1:]]
+            weights = _int8_dq_weight(g, mm) if mm.op_type == "MatMul" else None
+            if weights is None:
+                weights = [const_value(g, x) for x in mm.input[1:]]
             if any(w is None for w in weights) or (mm.op_type == "MatMul" and weights[0].ndim != 2):
                 break
             parts.append((add, mm, bias, weights))
@@ -182,12 +124,20 @@ def pack_qkv(model, writer=None) -> int:
                 for a in attrs):
             continue
         name = f"{gqa.name}/qkv"
+        dq = len(parts[0][3]) == 3 and mms[0].op_type == "MatMul"  # int8 behind DequantizeLinear
+        if dq != all(len(p[3]) == 3 for p in parts):
+            continue
         axis = 1 if mms[0].op_type == "MatMul" else 0  # MatMul: [K, N]; MatMulNBits: [N, blocks, block]
         tensors = [make_tensor(np.concatenate([p[3][0] for p in parts], axis=axis), f"{name}/weight", writer)]
         inputs = [x, tensors[0].name]
-        for j, suffix in enumerate(("scales", "zero_points")[:len(mms[0].input) - 2]):
+        suffixes = ("scales", "zero_points")[:2 if dq else len(mms[0].input) - 2]
+        for j, suffix in enumerate(suffixes):
             tensors.append(make_tensor(np.concatenate([p[3][j + 1] for p in parts]), f"{name}/{suffix}", writer))
             inputs.append(tensors[-1].name)
+        if dq:  # the packed int8 weight keeps the portable form: DequantizeLinear (per channel) -> MatMul
+            adds.append(helper.make_node("DequantizeLinear", inputs[1:], [f"{name}/weight_dq"], axis=1,
+                                         name=f"{name}/DequantizeLinear"))
+            inputs = [x, f"{name}/weight_dq"]
         tensors.append(make_tensor(np.concatenate([p[2] for p in parts]), f"{name}/bias", writer))
         for p in parts:
             p[3].clear()  # this layer's weights are written: let them go before the next layer's are read

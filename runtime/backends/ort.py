@@ -27,6 +27,7 @@ from runtime.backends.int8_kernels import (
     calibrated_int8,
     choose,
 )
+from runtime.backends.nbits import NBITS_ACCURACY_LEVEL, lower_int8_layers
 from runtime.bundle_files import BundleFiles, Staging, printable
 from runtime.errors import Blip2Error, Blip2Warning, require
 from runtime.graph_check import ExternalTensor, check_graph, parse_graph
@@ -268,6 +269,8 @@ class OrtBackend:
                     files.stage(name, sha, size, staging)
             if int8 is not None and int8.ops:
                 raw = _weight_form_model(model, int8, external, staging)
+            elif found and found[1].int8_at_load:  # int8 layers in the portable form: MatMulNBits, staged
+                raw = _lowered_model(model, external, staging)
             del model
             graph_path = staging.path(_free_name("graph.onnx", {n for n, _, _ in listed}))
             graph_path.write_bytes(raw)
@@ -287,7 +290,6 @@ class OrtBackend:
         return OrtGraph(sess, record, int8=int8)
 
 
-NBITS_ACCURACY_LEVEL = 4
 MIN_ORT_INT4 = (1, 20)  # DequantizeLinear(int4 blocks) -> MatMul fused into MatMulNBits (ORT 1.19+)
 
 
@@ -323,6 +325,72 @@ PROTOBUF_LIMIT = 2**31 - 1
 FORM_DATA = "form/weights.data"  # rewritten weights, beside the staged copies (no bundle name has a "/")
 
 
+def _staged_tensor_loader(model, external: list[ExternalTensor], staging: Staging):
+    """``load(name)``: the value of initializer ``name`` of ``model``, external ones read from their checked,
+    staged copy (None for a name that is not an initializer)."""
+    from onnx import numpy_helper
+
+    where = {t.name: t for t in external}
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def load(name: str) -> np.ndarray | None:
+        e = where.get(name)
+        if e is None:
+            return numpy_helper.to_array(inits[name]) if name in inits else None
+        if e.data_type not in _ONNX_NUMPY:
+            return None
+        dtype = np.dtype(_ONNX_NUMPY[e.data_type])
+        arr = np.fromfile(staging.path(e.location), dtype, count=e.length // dtype.itemsize, offset=e.offset)
+        return arr.reshape(e.dims)
+
+    return load
+
+
+class _StagedWriter:
+    """New initializers into the staging folder's own data file (:data:`FORM_DATA`), 64-byte aligned."""
+
+    def __init__(self, staging: Staging):
+        self.path = staging.path(FORM_DATA)
+        self.path.parent.mkdir(mode=0o700, exist_ok=True)
+        self.file = open(self.path, "ab")  # noqa: SIM115 - closed by close()
+
+    def tensor(self, arr: np.ndarray, name: str):
+        from onnx import TensorProto, helper
+
+        arr = np.ascontiguousarray(arr)
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
+        self.external(t, arr.tobytes())
+        return t
+
+    def external(self, t, data: bytes) -> None:
+        from onnx import TensorProto
+
+        self.file.write(b"\0" * (-self.file.tell() % 64))
+        offset = self.file.tell()
+        self.file.write(data)
+        del t.external_data[:]
+        for k, v in (("location", FORM_DATA), ("offset", str(offset)), ("length", str(len(data)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        t.data_location = TensorProto.EXTERNAL
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _lowered_model(model, external: list[ExternalTensor], staging: Staging) -> bytes:
+    """``model`` (already walked) with its weight-only int8 layers as MatMulNBits (8 bits), serialized for
+    ORT; each weight is read from its staged copy and the new layout written to the staging folder, one
+    weight at a time (:func:`runtime.backends.nbits.lower_int8_layers`)."""
+    require("onnx", "cpu")
+    writer = _StagedWriter(staging)
+    try:
+        lower_int8_layers(model, _staged_tensor_loader(model, external, staging), writer.tensor)
+    finally:
+        writer.close()
+    return model.SerializeToString()
+
+
 def _weight_form_model(model, int8: Int8Choice, external: list[ExternalTensor], staging: Staging) -> bytes:
     """``model`` (already walked) with its quantized-product weights in the ``int8`` form, serialized for ORT.
 
@@ -331,31 +399,17 @@ def _weight_form_model(model, int8: Int8Choice, external: list[ExternalTensor], 
     silently ignored (and u8u8 changes types). Each weight is read from its checked, staged copy; the
     rewritten ones go to a staged file of their own, so the graph stays small."""
     require("onnx", "cpu")
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto
 
-    where = {t.name: t for t in external}
-
-    def load_tensor(t) -> np.ndarray:
-        e = where.get(t.name)
-        if e is None:
-            return numpy_helper.to_array(t)
-        dtype = np.dtype(_ONNX_NUMPY[e.data_type])
-        arr = np.fromfile(staging.path(e.location), dtype, count=e.length // dtype.itemsize, offset=e.offset)
-        return arr.reshape(e.dims)
-
-    apply_weight_form(model, int8.kernel, int8.ops, load_tensor)
-    out_path = staging.path(FORM_DATA)
-    out_path.parent.mkdir(mode=0o700)
-    with open(out_path, "wb") as out:
+    load = _staged_tensor_loader(model, external, staging)
+    apply_weight_form(model, int8.kernel, int8.ops, lambda t: load(t.name))
+    writer = _StagedWriter(staging)
+    try:
         for t in model.graph.initializer:  # the rewritten (now inline) tensors of any size go to the file
             if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) >= 1024:
-                offset = out.tell()
-                out.write(t.raw_data)
+                data = t.raw_data
                 t.ClearField("raw_data")
-                del t.external_data[:]
-                for k, v in (("location", FORM_DATA), ("offset", str(offset)), ("length", str(out.tell() - offset))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = k, v
-                t.data_location = TensorProto.EXTERNAL
-                out.write(b"\0" * (-out.tell() % 64))  # aligned, as ORT likes mapped data
+                writer.external(t, data)
+    finally:
+        writer.close()
     return model.SerializeToString()
