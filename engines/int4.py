@@ -37,6 +37,7 @@ import numpy as np
 
 from engines.int8 import float_outputs_nodes, quantize_per_channel
 from engines.onnx_utils import ensure_node_names, gemm_as_matmul, load_model, toposort
+from runtime.backends.nbits import pack_int4
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
 
@@ -125,24 +126,6 @@ def quantize_gptq(w_nk: np.ndarray, hessian: np.ndarray, block: int, damp: float
 def dequantize(q_nk: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
     n, k = q_nk.shape
     return (q_nk.reshape(n, k // block, block).astype(np.float32) * scales[:, :, None]).reshape(n, k)
-
-
-def pack_int4(values: np.ndarray) -> bytes:
-    """Two's-complement 4-bit codes, two per byte, the first in the low nibble (ONNX INT4 raw data)."""
-    flat = (values.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
-
-
-def unpack_int4(raw: bytes, count: int) -> np.ndarray:
-    b = np.frombuffer(raw, np.uint8)
-    out = np.empty(b.size * 2, np.int8)
-    out[0::2] = (b & 0xF).astype(np.int8)
-    out[1::2] = (b >> 4).astype(np.int8)
-    out = out[:count]
-    out[out > 7] -= 16
-    return out
 
 
 def int4_tensor(name: str, values: np.ndarray):

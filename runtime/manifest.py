@@ -93,7 +93,7 @@ class OrtEngineFacts:
     external_data: tuple[str, ...] = ()  # its data files (possibly shared with the portable graph)
     kv_cache: str = KV_CONCAT  # how a decoder's cache is fed: KV_CONCAT or KV_SHARED
     kv_dtype: str | None = None  # the cache's type where it differs from the graph's float IO ("int8")
-    int8_at_load: bool = False  # int8 layers in the portable form, lowered to MatMulNBits by the runtime at load
+    lower_at_load: bool = False  # int8/int4 layers in the portable form: the runtime makes them MatMulNBits
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class GraphRecord:
             return None
         return OrtEngineFacts(file=str(info.get("file")), external_data=tuple(info.get("external_data", ())),
                               kv_cache=str(info.get("kv_cache", KV_CONCAT)), kv_dtype=info.get("kv_dtype"),
-                              int8_at_load=info.get("int8_at_load") is True)
+                              lower_at_load=info.get("lower_at_load") is True)
 
 
 @dataclass(frozen=True)
@@ -483,12 +483,12 @@ def _check_ort_engine(prec: str, rec: GraphRecord) -> None:
     if not isinstance(info, dict) or info.get("file") not in engine_files \
             or info.get("kv_cache", "concat") not in KV_CACHE_MODES \
             or info.get("kv_dtype") not in (None, *KV_DTYPES) \
-            or info.get("int8_at_load", False) not in (True, False) \
+            or info.get("lower_at_load", False) not in (True, False) \
             or not isinstance(ext, list) or any(e not in data_files or e == info.get("file") for e in ext):
         raise BundleError(f"{prec} graph {rec.name!r}: notes.ort_engine must name one of its engine files "
                           f"({', '.join(sorted(engine_files)) or 'none'}), a kv_cache of "
                           f"{', '.join(KV_CACHE_MODES)}, a kv_dtype of {', '.join(KV_DTYPES)} or none, and "
-                          "int8_at_load true or false")
+                          "lower_at_load true or false")
 
 
 def _mapping(d: dict, key: str) -> dict:

@@ -91,7 +91,7 @@ def test_build_config_picks_transforms_from_the_registry_and_needs_calibration_o
 
 # -- the numbers -----------------------------------------------------------------------------------------
 def test_int4_packing_round_trips():
-    from engines.int4 import pack_int4, unpack_int4
+    from runtime.backends.nbits import pack_int4, unpack_int4
 
     v = np.arange(-8, 8, dtype=np.int8).repeat(3)[:47]
     assert np.array_equal(unpack_int4(pack_int4(v), v.size), v)
@@ -265,10 +265,10 @@ def test_cli_build_and_run_int4(built, tmp_path):
 
 def test_t5_int4_graphs_run_as_matmulnbits(tmp_path_factory, tmp_path, monkeypatch):
     """T5: encoder, cross K/V and decoder get int4 (GPTQ from the calibration run, which now generates for
-    encoder-decoder bundles too). They need no ORT engine of their own: ORT fuses their int4 layers into
-    MatMulNBits as it loads the portable graphs. The tiny random T5's logits are near ties, so token
+    encoder-decoder bundles too). Their ORT engines keep the portable int4 weights and the runtime makes
+    each layer a 4-bit MatMulNBits as it loads them. The tiny random T5's logits are near ties, so token
     agreement says little here (its int8 build agrees on about half); the runtime with and without
-    engines must agree, and the teacher-forced logits stay bounded."""
+    engines must agree closely, and the teacher-forced logits stay bounded."""
     from test_t5 import build_t5
 
     ck, bundle0, model = build_t5(tmp_path_factory, "tiny")
@@ -281,7 +281,7 @@ def test_t5_int4_graphs_run_as_matmulnbits(tmp_path_factory, tmp_path, monkeypat
     for g in (GraphName.ENCODER, GraphName.CROSS_KV, GraphName.SEQ2SEQ_DECODER):
         rec = m.graph(g, "int4")
         assert rec.transform == "int4-gptq" and rec.notes["calibration"]["samples"] > 0, g
-        assert "ort_engine" not in rec.notes, g  # nothing to rewrite: the weights are stored once
+        assert rec.notes["ort_engine"]["lower_at_load"], g
         ops = _loaded_decoder_ops(bundle, "int4", monkeypatch, tmp_path, graph=g)
         assert sum(n.op_type == "MatMulNBits" for n in ops) == rec.notes["linear_layers"]["int4"] > 0, g
         assert not any(n.op_type == "DequantizeLinear" for n in ops), g
@@ -343,7 +343,7 @@ def test_input_hessians_are_held_a_group_at_a_time_within_the_budget(tmp_path):
     split.close()
 
 
-def test_quantized_engines_keep_the_portable_weights(built):
+def test_quantized_engines_keep_the_portable_weights(built, tmp_path, monkeypatch):
     """#13/#16: the int8 and int4 decoder engines read the portable graph's quantized weights (stored once);
     the only quantized tensors of their own are each layer's packed q|k|v (int8)."""
     import onnx
@@ -364,3 +364,11 @@ def test_quantized_engines_keep_the_portable_weights(built):
         assert own == {n for n in engine if "/qkv/" in n}, (prec, sorted(own)[:5])
         assert all(engine[n] == portable[n] for n in engine if n not in own), prec
         assert len(engine) > len(own) > 0 or (prec == "int4" and not own), prec
+    # int8: the runtime lowers them as it loads (one 8-bit MatMulNBits per layer, q|k|v as one)
+    dec = m.graph("decoder", "int8")
+    ops = _loaded_decoder_ops(bundle, "int8", monkeypatch, tmp_path)
+    nbits = [{a.name: a.i for a in n.attribute} for n in ops if n.op_type == "MatMulNBits"]
+    packed = dec.notes["ort_engine"]["qkv_packed"]
+    assert len(nbits) == dec.notes["linear_layers_quantized"] - 2 * packed and packed == m.model.llm_layers
+    assert all(a["bits"] == 8 and a["accuracy_level"] == 4 and a["block_size"] in (16, 128) for a in nbits)
+    assert not any(n.op_type == "DequantizeLinear" for n in ops)

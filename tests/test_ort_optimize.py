@@ -194,14 +194,14 @@ def test_weight_only_int8_engine(tiny_bundle, tmp_path, mode):
                                     layers=m.model.llm_layers, heads=m.model.llm_heads, head_dim=m.model.head_dim)
     engine_model = onnx.load(str(tmp_path / "engine.onnx"))
     if mode == "nbits":  # the portable form, q|k|v packed: what the runtime lowers as it loads the engine
-        assert notes["int8_at_load"] and notes["qkv_packed"] == m.model.llm_layers
+        assert notes["lower_at_load"] and notes["qkv_packed"] == m.model.llm_layers
         assert [n.op_type for n in engine_model.graph.node].count("DequantizeLinear") == dq - 2 * notes["qkv_packed"]
         from onnx import numpy_helper
 
-        from runtime.backends.nbits import lower_int8_layers
+        from runtime.backends.nbits import lower_layers
 
         inits = {t.name: t for t in engine_model.graph.initializer}
-        lower_int8_layers(engine_model, lambda n: numpy_helper.to_array(inits[n]) if n in inits else None,
+        lower_layers(engine_model, lambda n: numpy_helper.to_array(inits[n]) if n in inits else None,
                           lambda a, n: numpy_helper.from_array(a, n))
         onnx.save(engine_model, str(tmp_path / "engine.onnx"))
     ops = [n.op_type for n in engine_model.graph.node]

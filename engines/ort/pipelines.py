@@ -75,8 +75,8 @@ def _weights(ctx: EngineContext) -> dict:
 
 def _weights_required(ctx: EngineContext) -> dict:
     notes = _weights(ctx)
-    if not (notes.keys() - {"int4_matmul"}):  # int4 layers alone: ORT fuses them in the portable graph itself
-        raise PatternError(f"{ctx.src.name} has no int8 weights to lower or fold")
+    if not notes:
+        raise PatternError(f"{ctx.src.name} has no int8 or int4 weights to lower or fold")
     return notes
 
 
@@ -190,11 +190,9 @@ def _engine_int8_weights(model, int8: str, writer=None) -> dict:
     return the manifest notes (empty when the graph has no int8 or int4 weights). ``writer``: where new
     weights go as they are made.
 
-    The layers keep the portable graph's weights, so the bundle stores them once: int4 blocks stay
-    ``DequantizeLinear -> MatMul``, which ONNX Runtime fuses into MatMulNBits bits=4 as it loads the
-    graph (:func:`engines.int4.int4_layers`); int8 layers (``"nbits"``) are lowered to MatMulNBits bits=8
-    by the runtime while it stages the graph (:func:`runtime.backends.nbits.lower_int8_layers`,
-    ``notes["int8_at_load"]``)."""
+    The layers keep the portable graph's weights, so the bundle stores them once: the runtime lowers the
+    int4 blocks and (``"nbits"``) the int8 layers to MatMulNBits (4 and 8 bits) while it stages the graph
+    for loading (:func:`runtime.backends.nbits.lower_layers`, ``notes["lower_at_load"]``)."""
 
     fused4 = int4_layers(model)
     lowered = int8_layers(model) if int8 == "nbits" else 0
@@ -202,17 +200,19 @@ def _engine_int8_weights(model, int8: str, writer=None) -> dict:
     notes: dict[str, Any] = {}
     if fused4:
         notes["int4_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 4, "layers": fused4,
-                                "accuracy_level": INT4_ACCURACY_LEVEL, "made": "by ONNX Runtime at load, from "
-                                "DequantizeLinear(int4 blocks) -> MatMul on the portable graph's weights",
+                                "accuracy_level": INT4_ACCURACY_LEVEL,
+                                "made": "by the runtime at load, from the portable weights",
                                 "activations": "int8 per weight block, quantized at run time"}
     if lowered:
         notes["int8_matmul"] = {"op": "com.microsoft.MatMulNBits", "bits": 8,
                                 "accuracy_level": NBITS_ACCURACY_LEVEL, "block_size": NBITS_BLOCK,
                                 "layers": lowered, "made": "by the runtime at load, from the portable weights",
                                 "activations": f"int8 per block of {NBITS_BLOCK} inputs, quantized at run time"}
-        notes["int8_at_load"] = True
+
     if folded:
         notes["int8_weights_folded"] = folded  # DequantizeLinear computed once: fp32 weights, same values
+    if fused4 or lowered:
+        notes["lower_at_load"] = True
     return notes
 
 

@@ -1,4 +1,4 @@
-"""Weight-only int8 layers as ``com.microsoft.MatMulNBits`` (8 bits): the one implementation of the lowering.
+"""Weight-only int8 and int4 layers as ``com.microsoft.MatMulNBits``: the one implementation of the lowering.
 
 The portable weight-only int8 graph computes ``MatMul(x, DequantizeLinear(W_int8, scale))`` with one
 symmetric scale per output channel. ONNX Runtime's CPU provider keeps ``DequantizeLinear`` out of
@@ -8,10 +8,15 @@ multiplies them with the activations quantized to int8 per block of inputs at ru
 activation blocks. Symmetric per-channel weights map exactly (uint8 with zero point 128, the channel's
 scale repeated over its blocks), but in another layout (``[N, blocks, block]``, unsigned).
 
-Engines built by this version keep the portable layout, so the bundle stores the int8 weights once
-(``notes["ort_engine"]["int8_at_load"]``), and the ORT backend calls :func:`lower_int8_layers` while it
-stages the graph, writing the new layout to the staging folder (``runtime.backends.ort``). Engines of
-earlier versions hold MatMulNBits already and load as they are.
+int4 layers (``DequantizeLinear`` of INT4 codes in blocks along K, one scale per block, opset 21) map to
+MatMulNBits ``bits=4``: B ``[N, blocks, block/2]`` uint8 (code + 8, low nibble first), scales
+``[N * blocks]``, no zero points (the op's default, 8, is the symmetric code offset).
+
+Engines built by this version keep the portable layout, so the bundle stores the quantized weights once
+(``notes["ort_engine"]["lower_at_load"]``), and the ORT backend calls :func:`lower_layers` while it
+stages the graph, writing the new layout to the staging folder (``runtime.backends.ort``): ORT then
+loads weights that are already in its kernel's layout, so they are in memory once. Engines of earlier
+versions hold MatMulNBits already and load as they are.
 """
 
 from __future__ import annotations
@@ -37,9 +42,38 @@ def int8_blocks(w_nk: np.ndarray, scale: np.ndarray, block_size: int = NBITS_BLO
     return packed, scales, np.full(n_out * blocks, 128, np.uint8), block
 
 
+def pack_int4(values: np.ndarray) -> bytes:
+    """Two's-complement 4-bit codes, two per byte, the first in the low nibble (ONNX INT4 raw data)."""
+    flat = (values.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_int4(raw: bytes | np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` int4 codes (int8 values in [-8, 7]) packed in ``raw`` (ONNX INT4 raw data)."""
+    b = np.frombuffer(raw, np.uint8) if not isinstance(raw, np.ndarray) else raw.reshape(-1).view(np.uint8)
+    out = np.empty(b.size * 2, np.int8)
+    out[0::2] = (b & 0xF).astype(np.int8)
+    out[1::2] = (b >> 4).astype(np.int8)
+    out = out[:count]
+    out[out > 7] -= 16
+    return out
+
+
+def int4_blocks(q_nk: np.ndarray, scales_nb: np.ndarray, block: int):
+    """``(B, scales)`` of MatMulNBits (4 bits) for int4 codes ``q_nk`` [N, K] with one scale per block of
+    ``block`` inputs (``scales_nb`` [N, K / block]), or None when ``block`` does not fit the kernel."""
+    n_out, k = q_nk.shape
+    if k % block or block < 16 or block & (block - 1):
+        return None
+    u = (q_nk.astype(np.int16) + 8).astype(np.uint8).reshape(n_out, k // block, block // 2, 2)
+    return (u[..., 0] | (u[..., 1] << 4)).astype(np.uint8), np.ascontiguousarray(scales_nb, np.float32).reshape(-1)
+
+
 def int8_layers(model) -> int:
     """How many ``DequantizeLinear(int8 2-D weight) -> MatMul/Gemm`` pairs ``model`` has (nothing is read):
-    what :func:`lower_int8_layers` would consider."""
+    what :func:`lower_layers` lowers to 8-bit MatMulNBits."""
     from onnx import TensorProto
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -57,14 +91,15 @@ def int8_layers(model) -> int:
     return count
 
 
-def lower_int8_layers(model, load: Callable[[str], np.ndarray | None], store: Callable[[np.ndarray, str], object],
-                      *, block_size: int = NBITS_BLOCK) -> int:
-    """Replace ``DequantizeLinear(int8 weight) -> MatMul/Gemm`` in ``model`` (a ModelProto, in place) by
-    ``MatMulNBits`` (8 bits); return the number of layers lowered. Anything else is left alone.
+def lower_layers(model, load: Callable[[str], np.ndarray | None], store: Callable[[np.ndarray, str], object],
+                 *, block_size: int = NBITS_BLOCK) -> dict[int, int]:
+    """Replace ``DequantizeLinear(int8 or int4 weight) -> MatMul/Gemm`` in ``model`` (a ModelProto, in
+    place) by ``MatMulNBits`` (8 or 4 bits); return the number of layers lowered per bit width. Anything
+    else is left alone.
 
-    ``load(name)``: the value of constant ``name`` (None if it is not one); ``store(array, name)``: the
-    TensorProto of a new initializer (its bytes kept wherever the caller keeps them). One weight is held
-    at a time."""
+    ``load(name)``: the value of constant ``name`` (None if it is not one; an INT4 tensor as its raw
+    packed bytes, a uint8 array); ``store(array, name)``: the TensorProto of a new initializer (its bytes
+    kept wherever the caller keeps them). One weight is held at a time."""
     from onnx import TensorProto, helper
 
     graph = model.graph
@@ -73,14 +108,14 @@ def lower_int8_layers(model, load: Callable[[str], np.ndarray | None], store: Ca
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    lowered = 0
+    lowered = {8: 0, 4: 0}
     drop_nodes: set[str] = set()
     drop_inits: set[str] = set()
     new_inits, adds = [], []
     for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
         users = consumers.get(dq.output[0], [])
-        if dq.input[0] not in inits or len(users) != 1 or len(inits[dq.input[0]].dims) != 2 \
-                or inits[dq.input[0]].data_type != TensorProto.INT8:  # int4 blocks: ORT fuses those itself
+        t = inits.get(dq.input[0])
+        if t is None or len(users) != 1 or len(t.dims) != 2 or t.data_type not in (TensorProto.INT8, TensorProto.INT4):
             continue
         mm = users[0]
         attrs = {a.name: helper.get_attribute_value(a) for a in mm.attribute}
@@ -91,35 +126,55 @@ def lower_int8_layers(model, load: Callable[[str], np.ndarray | None], store: Ca
             trans_b, bias = bool(attrs.get("transB", 0)), (mm.input[2] if len(mm.input) > 2 and mm.input[2] else None)
         else:
             continue
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        if axis % 2 != (0 if trans_b else 1):
-            continue  # one scale per output channel only
-        q, scale = load(dq.input[0]), load(dq.input[1])
+        dq_attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        axis = int(dq_attrs.get("axis", 1))
         zero = load(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-        if q is None or scale is None or q.dtype != np.int8 or (zero is not None and zero.any()):
+        if zero is not None and zero.any():
             continue
-        w_nk = q if trans_b else q.T  # [N, K]
-        if scale.size != w_nk.shape[0]:
-            continue
-        made = int8_blocks(w_nk, scale, block_size)
-        if made is None:
-            continue
-        packed, scales, zero_points, block = made
-        n_out, k = w_nk.shape
         name = dq.input[0] + "__nbits"
-        new_inits += [store(packed, name), store(scales, name + "_scales"), store(zero_points, name + "_zero_points")]
-        del packed, w_nk, q
+        if t.data_type == TensorProto.INT8:  # one scale per output channel
+            if axis % 2 != (0 if trans_b else 1):
+                continue
+            q, scale = load(dq.input[0]), load(dq.input[1])
+            if q is None or scale is None or scale.size != q.shape[0 if trans_b else 1]:
+                continue
+            w_nk = q if trans_b else q.T  # [N, K]
+            made = int8_blocks(w_nk, scale, block_size)
+            if made is None:
+                continue
+            packed, scales, zero_points, block = made
+            n_out, k = w_nk.shape
+            del q, w_nk
+            tensors = [store(packed, name), store(scales, name + "_scales"), store(zero_points, name + "_zero_points")]
+            bits = 8
+        else:  # int4 codes in blocks along K
+            block = int(dq_attrs.get("block_size", 0))
+            if not block or axis % 2 != (1 if trans_b else 0):
+                continue
+            raw, scale = load(dq.input[0]), load(dq.input[1])
+            if raw is None or scale is None:
+                continue
+            q = unpack_int4(raw, int(np.prod(t.dims))).reshape(tuple(t.dims))
+            q_nk, s_nb = (q, scale) if trans_b else (q.T, scale.T)
+            made4 = int4_blocks(q_nk, s_nb, block)
+            if made4 is None:
+                continue
+            n_out, k = q_nk.shape
+            del q, q_nk
+            tensors = [store(made4[0], name), store(made4[1], name + "_scales")]
+            bits = 4
+        new_inits += tensors
         out = mm.output[0] if bias is None else mm.output[0] + "__nobias"
-        adds.append(helper.make_node("MatMulNBits", [mm.input[0], name, name + "_scales", name + "_zero_points"],
-                                     [out], name=mm.name + "__nbits", domain="com.microsoft", K=k, N=n_out, bits=8,
+        adds.append(helper.make_node("MatMulNBits", [mm.input[0], *(x.name for x in tensors)], [out],
+                                     name=mm.name + "__nbits", domain="com.microsoft", K=k, N=n_out, bits=bits,
                                      block_size=block, accuracy_level=NBITS_ACCURACY_LEVEL))
         if bias is not None:
             adds.append(helper.make_node("Add", [out, bias], [mm.output[0]], name=mm.name + "__bias"))
         drop_nodes.update((dq.name, mm.name))
         drop_inits.update(x for x in dq.input if x in inits)
-        lowered += 1
-    if not lowered:
-        return 0
+        lowered[bits] += 1
+    if not any(lowered.values()):
+        return lowered
     kept = [n for n in graph.node if n.name not in drop_nodes]
     del graph.node[:]
     available = {t.name for t in graph.initializer} | {t.name for t in new_inits} | {i.name for i in graph.input}
@@ -128,6 +183,8 @@ def lower_int8_layers(model, load: Callable[[str], np.ndarray | None], store: Ca
     kept_inits = [t for t in graph.initializer if t.name not in drop_inits or t.name in still_read] + new_inits
     del graph.initializer[:]
     graph.initializer.extend(kept_inits)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return lowered
 
 

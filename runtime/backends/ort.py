@@ -27,10 +27,10 @@ from runtime.backends.int8_kernels import (
     calibrated_int8,
     choose,
 )
-from runtime.backends.nbits import NBITS_ACCURACY_LEVEL, lower_int8_layers
+from runtime.backends.nbits import NBITS_ACCURACY_LEVEL, lower_layers
 from runtime.bundle_files import BundleFiles, Staging, printable
 from runtime.errors import Blip2Error, Blip2Warning, require
-from runtime.graph_check import ExternalTensor, check_graph, parse_graph
+from runtime.graph_check import PACKED_4BIT, ExternalTensor, check_graph, parse_graph
 from runtime.manifest import EngineRecord, GraphRecord, OrtEngineFacts
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8}
@@ -241,7 +241,8 @@ class OrtBackend:
                           "speed); on this machine use --precision fp32 (exact) or int8 (fastest)",
                           Blip2Warning, stacklevel=2)
         int4 = record.transform_spec.int4_weights
-        if int4 and _version(self.ort.__version__) < MIN_ORT_INT4:
+        if int4 and not (self.engine_for(record) and record.ort_engine.lower_at_load) \
+                and _version(self.ort.__version__) < MIN_ORT_INT4:
             raise Blip2Error(f"int4 graphs need ONNX Runtime {'.'.join(map(str, MIN_ORT_INT4))} or newer (it fuses "
                              f"their int4 blocks into MatMulNBits); this is {self.ort.__version__}",
                              hint="pip install -U 'onnxruntime>=1.20', or run --precision int8")
@@ -269,7 +270,7 @@ class OrtBackend:
                     files.stage(name, sha, size, staging)
             if int8 is not None and int8.ops:
                 raw = _weight_form_model(model, int8, external, staging)
-            elif found and found[1].int8_at_load:  # int8 layers in the portable form: MatMulNBits, staged
+            elif found and found[1].lower_at_load:  # quantized layers in the portable form: MatMulNBits, staged
                 raw = _lowered_model(model, external, staging)
             del model
             graph_path = staging.path(_free_name("graph.onnx", {n for n, _, _ in listed}))
@@ -327,7 +328,7 @@ FORM_DATA = "form/weights.data"  # rewritten weights, beside the staged copies (
 
 def _staged_tensor_loader(model, external: list[ExternalTensor], staging: Staging):
     """``load(name)``: the value of initializer ``name`` of ``model``, external ones read from their checked,
-    staged copy (None for a name that is not an initializer)."""
+    staged copy (None for a name that is not an initializer; an int4 tensor as its packed bytes)."""
     from onnx import numpy_helper
 
     where = {t.name: t for t in external}
@@ -336,7 +337,13 @@ def _staged_tensor_loader(model, external: list[ExternalTensor], staging: Stagin
     def load(name: str) -> np.ndarray | None:
         e = where.get(name)
         if e is None:
-            return numpy_helper.to_array(inits[name]) if name in inits else None
+            if name not in inits:
+                return None
+            if inits[name].data_type in PACKED_4BIT:  # int4: the packed bytes
+                return np.frombuffer(inits[name].raw_data, np.uint8)
+            return numpy_helper.to_array(inits[name])
+        if e.data_type in PACKED_4BIT:
+            return np.fromfile(staging.path(e.location), np.uint8, count=e.length, offset=e.offset)
         if e.data_type not in _ONNX_NUMPY:
             return None
         dtype = np.dtype(_ONNX_NUMPY[e.data_type])
@@ -379,13 +386,13 @@ class _StagedWriter:
 
 
 def _lowered_model(model, external: list[ExternalTensor], staging: Staging) -> bytes:
-    """``model`` (already walked) with its weight-only int8 layers as MatMulNBits (8 bits), serialized for
+    """``model`` (already walked) with its weight-only int8 and int4 layers as MatMulNBits, serialized for
     ORT; each weight is read from its staged copy and the new layout written to the staging folder, one
-    weight at a time (:func:`runtime.backends.nbits.lower_int8_layers`)."""
+    weight at a time (:func:`runtime.backends.nbits.lower_layers`)."""
     require("onnx", "cpu")
     writer = _StagedWriter(staging)
     try:
-        lower_int8_layers(model, _staged_tensor_loader(model, external, staging), writer.tensor)
+        lower_layers(model, _staged_tensor_loader(model, external, staging), writer.tensor)
     finally:
         writer.close()
     return model.SerializeToString()
