@@ -29,15 +29,28 @@ NBITS_BLOCK = 128  # MatMulNBits block: the activations are quantized per block 
 NBITS_ACCURACY_LEVEL = 4  # MLAS's int8-compute kernel (levels 0-1 dequantize to fp32: ~4x slower here)
 
 
+def transpose_bytes(a: np.ndarray, rows: int = 128) -> np.ndarray:
+    """``a.T`` (2-D, one-byte elements) as a new C-contiguous array, copied ``rows`` rows at a time: a
+    plain strided copy of a large byte matrix runs about 6x slower (cache misses)."""
+    out = np.empty(a.shape[::-1], a.dtype)
+    for r in range(0, a.shape[0], rows):
+        out[:, r:r + rows] = a[r:r + rows].T
+    return out
+
+
 def int8_blocks(w_nk: np.ndarray, scale: np.ndarray, block_size: int = NBITS_BLOCK):
     """``(B, scales, zero_points, block)`` of MatMulNBits (8 bits) for int8 weights ``w_nk`` [N, K] with
-    one scale per output channel, or None when no block size (``block_size`` or 16) divides K."""
+    one scale per output channel, or None when no block size (``block_size`` or 16) divides K. A ``w_nk``
+    that is the transposed view of a ``[K, N]`` weight is copied in cache-sized blocks."""
     n_out, k = w_nk.shape
     block = next((b for b in (block_size, 16) if k % b == 0), None)
     if block is None:
         return None
     blocks = k // block
-    packed = (w_nk.astype(np.int16) + 128).astype(np.uint8).reshape(n_out, blocks, block)
+    as_bytes = w_nk.view(np.uint8)
+    u = transpose_bytes(as_bytes.T) if not w_nk.flags.c_contiguous and w_nk.T.flags.c_contiguous \
+        else np.array(as_bytes, order="C")  # a copy: the caller's weights stay as they are
+    packed = np.bitwise_xor(u, np.uint8(0x80), out=u).reshape(n_out, blocks, block)  # v + 128 as uint8
     scales = np.repeat(scale.astype(np.float32).reshape(-1), blocks)
     return packed, scales, np.full(n_out * blocks, 128, np.uint8), block
 
@@ -69,6 +82,31 @@ def int4_blocks(q_nk: np.ndarray, scales_nb: np.ndarray, block: int):
         return None
     u = (q_nk.astype(np.int16) + 8).astype(np.uint8).reshape(n_out, k // block, block // 2, 2)
     return (u[..., 0] | (u[..., 1] << 4)).astype(np.uint8), np.ascontiguousarray(scales_nb, np.float32).reshape(-1)
+
+
+def int4_blocks_from_raw(raw: np.ndarray, dims: tuple[int, int], trans_b: bool, block: int) -> np.ndarray | None:
+    """MatMulNBits' B (``[N, blocks, block/2]`` uint8, code + 8, low nibble first) straight from an INT4
+    tensor's packed bytes: ``[N, K]`` (``trans_b``) or ``[K, N]``; None when the fast path does not apply
+    (odd N in ``[K, N]``: rows do not start on a byte). A two's-complement nibble ``v`` becomes ``v + 8``
+    by flipping its top bit, so no value is widened."""
+    rows, cols = dims
+    raw = raw.reshape(-1).view(np.uint8)
+    if trans_b:  # [N, K]: the bytes already run along K, low nibble first
+        n_out, k = rows, cols
+        if k % 2 or raw.size != n_out * k // 2:
+            return None
+        return (raw ^ np.uint8(0x88)).reshape(n_out, k // block, block // 2)
+    k, n_out = rows, cols
+    if n_out % 2 or raw.size != k * n_out // 2:
+        return None
+    b = raw.reshape(k, n_out // 2)
+    u = np.empty((k, n_out), np.uint8)
+    np.bitwise_xor(b & np.uint8(0x0F), np.uint8(8), out=u[:, 0::2])
+    np.bitwise_xor(b >> np.uint8(4), np.uint8(8), out=u[:, 1::2])
+    ut = transpose_bytes(u)  # [N, K]
+    del u
+    packed = ut[:, 0::2] | (ut[:, 1::2] << np.uint8(4))
+    return packed.reshape(n_out, k // block, block // 2)
 
 
 def int8_layers(model) -> int:
@@ -154,14 +192,20 @@ def lower_layers(model, load: Callable[[str], np.ndarray | None], store: Callabl
             raw, scale = load(dq.input[0]), load(dq.input[1])
             if raw is None or scale is None:
                 continue
-            q = unpack_int4(raw, int(np.prod(t.dims))).reshape(tuple(t.dims))
-            q_nk, s_nb = (q, scale) if trans_b else (q.T, scale.T)
-            made4 = int4_blocks(q_nk, s_nb, block)
-            if made4 is None:
+            dims = (int(t.dims[0]), int(t.dims[1]))
+            n_out, k = dims if trans_b else dims[::-1]
+            if k % block or block < 16 or block & (block - 1):
                 continue
-            n_out, k = q_nk.shape
-            del q, q_nk
-            tensors = [store(made4[0], name), store(made4[1], name + "_scales")]
+            s_nb = np.ascontiguousarray(scale if trans_b else scale.T, np.float32).reshape(-1)
+            packed = int4_blocks_from_raw(raw, dims, trans_b, block)
+            if packed is None:  # the general path: unpack, transpose, pack
+                q = unpack_int4(raw, dims[0] * dims[1]).reshape(dims)
+                made4 = int4_blocks(q if trans_b else q.T, s_nb.reshape(n_out, -1), block)
+                if made4 is None:
+                    continue
+                packed = made4[0]
+            del raw
+            tensors = [store(packed, name), store(s_nb, name + "_scales")]
             bits = 4
         new_inits += tensors
         out = mm.output[0] if bias is None else mm.output[0] + "__nobias"

@@ -366,17 +366,17 @@ class _StagedWriter:
 
         arr = np.ascontiguousarray(arr)
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
-        self.external(t, arr.tobytes())
+        self.external(t, memoryview(arr).cast("B"))  # the array's own bytes, not a copy
         return t
 
-    def external(self, t, data: bytes) -> None:
+    def external(self, t, data) -> None:
         from onnx import TensorProto
 
         self.file.write(b"\0" * (-self.file.tell() % 64))
         offset = self.file.tell()
-        self.file.write(data)
+        length = self.file.write(data)
         del t.external_data[:]
-        for k, v in (("location", FORM_DATA), ("offset", str(offset)), ("length", str(len(data)))):
+        for k, v in (("location", FORM_DATA), ("offset", str(offset)), ("length", str(length))):
             entry = t.external_data.add()
             entry.key, entry.value = k, v
         t.data_location = TensorProto.EXTERNAL
