@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Full-size check (#13): the published blip2-opt-2.7b architecture with random weights, through
-# export -> build int8 -> parity fp32 -> run int8, printing each step's time and peak RSS.
+# Full-size check (#13, #16): the published blip2-opt-2.7b architecture with random weights, through
+# export -> build int8 -> parity fp32 -> run int8 -> build int4, printing each step's time and peak RSS,
+# and for each precision its files, load time, load peak RSS, first-token latency and decode rate.
 #
 # Not in CI (the full size needs ~16 GB RAM, ~35 GB disk and hours on 2 cores). Layer counts default to
 # the published ones (39 vision / 12 Q-Former / 32 OPT); smaller counts give a run at the published
@@ -20,6 +21,7 @@ QFORMER_LAYERS="${QFORMER_LAYERS:-12}"
 LLM_LAYERS="${LLM_LAYERS:-32}"
 VOCAB="${VOCAB:-50272}"          # OPT-2.7b's padded vocabulary (embedding table and LM head)
 NEW_TOKENS="${NEW_TOKENS:-8}"
+INT4_METHOD="${INT4_METHOD:-rtn}"  # the CLI's default is gptq; rtn is what docs/real-models.md measured
 PY="${PYTHON:-python}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 TIME=/usr/bin/time
@@ -63,7 +65,9 @@ step build_int8 "$PY" -m blip2_export.cli build "$BUNDLE" --precision int8 --cal
 step parity_fp32 "$PY" -m blip2_export.cli parity "$CKPT" "$BUNDLE" --images "$IMAGES" \
   --max-new-tokens "$NEW_TOKENS" --report "$WORK/parity.json"
 step run_int8 "$PY" -m blip2_export.cli run "$BUNDLE" --precision int8 -i "$IMAGES/0.png" --json
-for prec in fp32 int8; do  # load time, first-token latency and decode speed, one process per precision
+step build_int4 "$PY" -m blip2_export.cli build "$BUNDLE" --precision int4 --int4-method "$INT4_METHOD" \
+  --calib-images "$IMAGES"
+for prec in fp32 int8 int4; do  # load time and peak, first-token latency and decode speed, one process each
   step "speed_$prec" "$PY" - "$BUNDLE" "$prec" "$IMAGES/0.png" "$WORK/speed_$prec.json" <<'EOF2'
 import json
 import sys
@@ -74,18 +78,35 @@ from runtime.pipeline import Blip2Runtime
 from runtime.preprocess import load_image
 
 bundle, prec, image, out = sys.argv[1:5]
+
+
+def hwm():  # this process's peak RSS so far (bytes)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+import onnxruntime  # noqa: E402,F401  (the libraries are in the baseline, not in the load)
+base = hwm()
 t0 = time.perf_counter()
 rt = Blip2Runtime(bundle, precision=prec)
+files = {rt.manifest.files[r].file for r in ("tokenizer", "embed_tokens")}  # what loading reads
 for name in rt.manifest.required_graphs():
-    rt.graph(GraphName(name))
+    runner, rec = rt.graph(GraphName(name)), rt.manifest.graph(name, prec)
+    if runner.facts.engine:
+        files |= {runner.facts.engine, *rec.notes["ort_engine"]["external_data"]}
+    else:
+        files |= {rec.file, *(x.file for x in rec.external_data)}
 load = time.perf_counter() - t0
+load_peak = hwm() - base
+read = sum((rt.bundle / f).stat().st_size for f in files)
 img = load_image(image)
 stamps = []
 t1 = time.perf_counter()
 rt.generate(images=[img], max_new_tokens=32, min_new_tokens=32, stream=lambda step, toks: stamps.append(time.perf_counter()))
 first = stamps[0] - t1
 rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
-json.dump({"load_s": load, "first_token_s": first, "tokens_per_s": rate}, open(out, "w"))
+json.dump({"load_s": load, "first_token_s": first, "tokens_per_s": rate, "files_read": read,
+           "load_peak": load_peak}, open(out, "w"))
 EOF2
 done
 
@@ -125,12 +146,15 @@ for line in rows.read_text().splitlines():
     name, secs, kb = line.split("\t")
     rss = int(kb) * 1024
     lines.append(f"| {name} | {float(secs):.0f} | {gb(rss)} | {rss / ckpt_bytes:.2f} |")
-lines += ["", "| precision | bundle files (GB) | / fp32 checkpoint | load (s) | first token (s) | tokens/s |",
-          "|---|---|---|---|---|---|"]
+lines += ["", "| precision | its files (GB) | / fp32 checkpoint | files read at load (GB) | load (s) | "
+          "load peak RSS over the baseline (GB) | / files read | first token (s) | tokens/s |",
+          "|---|---|---|---|---|---|---|---|---|"]
 for p, n in prec_bytes.items():
     sp = work / f"speed_{p}.json"
     v = json.loads(sp.read_text()) if sp.is_file() else {}
-    cells = [f"{v[k]:.2f}" if k in v else "-" for k in ("load_s", "first_token_s", "tokens_per_s")]
+    cells = [gb(v["files_read"]) if "files_read" in v else "-", f"{v['load_s']:.1f}" if v else "-",
+             gb(v["load_peak"]) if v else "-", f"{v['load_peak'] / v['files_read']:.2f}" if v else "-",
+             f"{v['first_token_s']:.2f}" if v else "-", f"{v['tokens_per_s']:.1f}" if v else "-"]
     lines.append(f"| {p} | {gb(n)} | {n / ckpt_bytes:.2f} | " + " | ".join(cells) + " |")
 total = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file())
 lines += ["", f"whole bundle on disk: {gb(total)} GB; parity fp32 token agreement: {agree}"]

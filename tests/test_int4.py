@@ -211,6 +211,11 @@ def test_int4_linear_weights_are_about_half_of_int8s(built):
 
     ratio = linear_bytes("int4") / linear_bytes("int8")
     assert 0.45 < ratio < 0.66, ratio  # block 32: 4 + 1 bits per weight vs 8 + 0.3 (fp32 scales)
+    # what bench reports as the weight bytes a decode step reads counts int4 at two codes per byte
+    from blip2_export.bench import onnx_weight_bytes
+
+    step = {p: onnx_weight_bytes(bundle / m.graph("decoder", p).notes["ort_engine"]["file"]) for p in ("int8", "int4")}
+    assert step["int4"] < 0.75 * step["int8"], step
 
 
 def test_int4_engine_computes_what_the_portable_graph_computes(built):

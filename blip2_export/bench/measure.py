@@ -134,7 +134,7 @@ class PeakMemory:
 def onnx_weight_bytes(path: str | Path) -> int:
     """Bytes of initializers a decode step reads: all of them except tables only ever indexed by Gather."""
     onnx = require("onnx", "export")
-    from onnx import helper
+    from runtime.graph_check import stored_bytes
 
     model = onnx.load(str(path), load_external_data=False)
     users: dict[str, set[str]] = {}
@@ -145,7 +145,7 @@ def onnx_weight_bytes(path: str | Path) -> int:
     for t in model.graph.initializer:
         if users.get(t.name) == {"Gather"}:
             continue
-        total += int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        total += stored_bytes(t.data_type, int(np.prod(t.dims, dtype=np.int64)))  # int4: two per byte
     return total
 
 
