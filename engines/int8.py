@@ -316,7 +316,7 @@ def quantize_weights(src: str | Path, graph: str, io: GraphIO, exclude: tuple[st
         exclude = (*exclude, *float_outputs_nodes(model, io))
     inits = {t.name: t for t in model.graph.initializer}
     done: dict[str, str] = {}
-    new_nodes = []
+    new_nodes: list = []
     skipped = list(exclude)
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or node.name in exclude or len(node.input) < 2:
