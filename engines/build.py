@@ -38,6 +38,7 @@ from runtime.integrity import atomic_write_text
 from runtime.manifest import (
     MANIFEST_NAME,
     DimRange,
+    FileRecord,
     GraphRecord,
     Manifest,
     file_record,
@@ -263,16 +264,23 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
         job = EngineJob(bundle, stage, manifest, config, transformed, calib, config.engine_dims(manifest),
                         _files_of_all(manifest), progress, say)
         graphs = ENGINE_BUILDERS[backend].build(job, graphs)  # ORT engine graphs, or TensorRT engines
+        table = _precision_table(bundle, stage, manifest, prec, say) if transformed else None
         new_files = [f.name for f in stage.iterdir()]
         engine_names = sorted({e.file for g in graphs.values() for e in g.engines
                                if e.backend == backend and e.file in new_files})  # made by this build
         # Commit: move the new files in (under names the live manifest does not use, so nothing it
         # vouches for is overwritten), then replace the manifest: the only file that makes them count.
         old_files = _files_of(manifest.graphs.get(prec, {}))
+        role = f"embed_tokens.{prec}"
+        files = {k: v for k, v in manifest.files.items() if k != role}
+        if role in manifest.files:
+            old_files.add(manifest.files[role].file)  # this precision's previous table
+        if table is not None:
+            files[role] = table
         for f in stage.iterdir():
             os.replace(f, bundle / f.name)
         new_graphs = {**manifest.graphs, prec: graphs}
-        updated = dataclasses.replace(manifest, graphs=new_graphs)
+        updated = dataclasses.replace(manifest, graphs=new_graphs, files=files)
         updated.validate()
         atomic_write_text(bundle / MANIFEST_NAME, updated.dumps())
         remove_stale_files(bundle, old_files - _files_of_all(updated) - set(new_files) - _role_files(updated))
@@ -311,6 +319,28 @@ def remove_stale_files(bundle: Path, names: set[str]) -> None:
                 pass
     finally:
         os.close(fd)
+
+
+def _precision_table(bundle: Path, stage: Path, manifest: Manifest, prec: str, say) -> FileRecord | None:
+    """The precision's own input embedding table (``PrecisionSpec.table_dtype``, e.g. float16 for int4),
+    written into ``stage`` from the shared float32 one; None where the precision reads the shared one."""
+    import numpy as np
+
+    from runtime.text import load_table
+
+    dtype = SPECS[prec].table_dtype
+    if dtype is None or "embed_tokens" not in manifest.files:
+        return None
+    table = load_table(BundleFiles(bundle), manifest, "embed_tokens")  # read once, checked
+    assert table is not None
+    small = table.astype(dtype)
+    if not np.isfinite(small).all():
+        say(f"{prec}: the embedding table does not fit {dtype}; it reads the shared float32 table")
+        return None
+    name = fresh_name({r.file for r in manifest.files.values()}, f"embed_tokens.{prec}", ".npy")
+    np.save(stage / name, small, allow_pickle=False)
+    del table, small
+    return file_record(stage, name)
 
 
 def _role_files(manifest: Manifest) -> set[str]:

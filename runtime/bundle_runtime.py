@@ -35,7 +35,7 @@ class BundleRuntime:
             if verify:
                 check_sizes(self.bundle, rec)  # a truncated file fails now, not at first use
         self.backend = create_backend(backend, **backend_options)
-        self.tokenizer, self.embed = load_text(self.bundle, self.manifest, verify)
+        self.tokenizer, self.embed = load_text(self.bundle, self.manifest, verify, precision)
         self._graph_set = GraphSet(self.bundle, self.manifest, precision, self.backend, verify)
 
     def check_family(self, family: Family) -> None:

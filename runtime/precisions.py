@@ -109,6 +109,9 @@ class PrecisionSpec:
     trt: EngineRecipe
     choices: Mapping[Role, RoleChoice] = field(default_factory=dict)  # roles whose transform a flag picks
     flags: tuple[str, ...] = ()  # build flags that apply to this precision
+    # the LLM's input embedding table at this precision: None = the bundle's shared float32 table; a
+    # dtype = a table of its own in that type (manifest files role ``embed_tokens.<precision>``)
+    table_dtype: str | None = None
 
     def transform_names(self, role: Role) -> tuple[str, ...]:
         """Every transform a graph of ``role`` may have at this precision (the default first)."""
@@ -170,13 +173,14 @@ PRECISIONS: dict[str, PrecisionSpec] = {p.name: p for p in (
                 "vision and Q-Former",
         "float32", {**_QUANT_VISION, Role.LLM: "int4-gptq"},
         ParityThresholds(stage_max_abs=None, stage_cosine=0.98, token_agreement=0.5, forced_top1=0.85),
-        ort=EngineRecipe(True, "LLM weights as MatMulNBits bits=4, fused by ONNX Runtime at load from the portable "
+        ort=EngineRecipe(True, "LLM weights as MatMulNBits bits=4, made by the runtime at load from the portable "
                                "graph's int4 weights (LM head int4 or int8); vision/Q-Former as int8"),
         trt=EngineRecipe(True, "strongly typed engines; int4 weights through blockwise DequantizeLinear (opset 21)"),
         choices={Role.VISION: _INT4_VISION, Role.QFORMER: _INT4_VISION, Role.RETRIEVAL: _INT4_VISION,
                  Role.LLM: RoleChoice("int4_method", "--int4-method", {"gptq": "int4-gptq", "rtn": "int4-rtn"})},
         flags=("--calib-images", "--calib-prompts", "--calib-method", "--calib-percentile", "--calib-limit", "--int8-tolerance",
                "--int4-block", "--int4-method", "--int4-lm-head", "--int4-vision", "--ort-kv-cache"),
+        table_dtype="float16",  # prompt embeddings: rounding far below int4's; half the bytes on disk and in RAM
     ),
 )}
 

@@ -111,10 +111,18 @@ def load_table(files: BundleFiles, manifest, role: str) -> np.ndarray | None:
                            name=e.file, shape=(m.vocab_size, m.llm_hidden))
 
 
-def load_text(bundle: Path, manifest, verify: bool = True):
-    """(tokenizer, embedding table or None) from the bytes of the bundle's files, read once and checked."""
+def table_role(manifest, precision: str | None = None) -> str:
+    """The files role of the input embedding table ``precision`` reads: its own (``embed_tokens.<p>``, e.g. a
+    float16 table for int4) where the bundle has one, else the shared ``embed_tokens``."""
+    own = f"embed_tokens.{precision}"
+    return own if precision is not None and own in manifest.files else "embed_tokens"
+
+
+def load_text(bundle: Path, manifest, verify: bool = True, precision: str | None = None):
+    """(tokenizer, embedding table or None) from the bytes of the bundle's files, read once and checked.
+    ``precision``: read that precision's own table where the bundle has one (:func:`table_role`)."""
     files = BundleFiles(bundle, verify=verify)
     rec = manifest.files["tokenizer"]
     tok_bytes = files.read(rec.file, rec.sha256, rec.bytes, limit=MAX_TOKENIZER_BYTES, what="tokenizer")
-    embed = load_table(files, manifest, "embed_tokens")
+    embed = load_table(files, manifest, table_role(manifest, precision))
     return TextTokenizer(tok_bytes, name=rec.file, vocab_limit=None if embed is None else embed.shape[0]), embed

@@ -377,3 +377,38 @@ def test_quantized_engines_keep_the_portable_weights(built, tmp_path, monkeypatc
     assert len(nbits) == dec.notes["linear_layers_quantized"] - 2 * packed and packed == m.model.llm_layers
     assert all(a["bits"] == 8 and a["accuracy_level"] == 4 and a["block_size"] in (16, 128) for a in nbits)
     assert not any(n.op_type == "DequantizeLinear" for n in ops)
+
+
+def test_int4_reads_a_float16_embedding_table_of_its_own(built, tmp_path, monkeypatch):
+    """#16: int4 carries its prompt-embedding table in float16 (half the bytes on disk and in memory); the
+    shared float32 table stays for the other precisions and int4 never opens it. A rebuild replaces it."""
+    import os
+
+    bundle, _, calib = built
+    m = load_manifest(bundle)
+    own = m.files["embed_tokens.int4"]
+    fp32_table = np.load(bundle / m.files["embed_tokens"].file)
+    table = np.load(bundle / own.file)
+    assert table.dtype == np.float16 and table.shape == fp32_table.shape
+    assert np.array_equal(table, fp32_table.astype(np.float16))
+    assert "embed_tokens.int8" not in m.files  # int8 reads the shared table
+    opened = []
+    real_open = os.open
+
+    def spy(path, *a, **k):
+        opened.append(os.path.basename(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", spy)
+    rt = Blip2Runtime(bundle, precision="int4", threads=1)
+    monkeypatch.undo()
+    assert rt.embed.dtype == np.float16 and own.file in opened and m.files["embed_tokens"].file not in opened
+    assert Blip2Runtime(bundle, precision="fp32", threads=1).embed.dtype == np.float32
+    # a rebuild writes the other name and removes the previous table
+    b2 = tmp_path / "b"
+    shutil.copytree(bundle, b2)
+    build_bundle(b2, BuildConfig(precision="int4", backend="ort", calib_images=calib, int4_method="rtn",
+                                 force=True), progress=False)
+    m2 = load_manifest(b2)
+    assert m2.files["embed_tokens.int4"].file != own.file and not (b2 / own.file).exists()
+    assert (b2 / m2.files["embed_tokens"].file).exists()
