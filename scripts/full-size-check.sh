@@ -76,6 +76,7 @@ import time
 from runtime.contract import GraphName
 from runtime.pipeline import Blip2Runtime
 from runtime.preprocess import load_image
+from runtime.text import table_role
 
 bundle, prec, image, out = sys.argv[1:5]
 
@@ -89,7 +90,7 @@ import onnxruntime  # noqa: E402,F401  (the libraries are in the baseline, not i
 base = hwm()
 t0 = time.perf_counter()
 rt = Blip2Runtime(bundle, precision=prec)
-files = {rt.manifest.files[r].file for r in ("tokenizer", "embed_tokens")}  # what loading reads
+files = {rt.manifest.files[r].file for r in ("tokenizer", table_role(rt.manifest, prec))}  # what loading reads
 for name in rt.manifest.required_graphs():
     runner, rec = rt.graph(GraphName(name)), rt.manifest.graph(name, prec)
     if runner.facts.engine:
@@ -129,6 +130,9 @@ def files_of(prec):
         out.add(g["file"])
         out.update(e["file"] for e in g.get("external_data", []))
         out.update(e["file"] for e in g.get("engines", []))
+    own_table = m["files"].get(f"embed_tokens.{prec}")  # e.g. int4's float16 table
+    if own_table:
+        out.add(own_table["file"])
     return out
 
 
