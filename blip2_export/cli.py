@@ -496,6 +496,32 @@ def parity(checkpoint, bundle, images_dir, prompts_file, precision, backend, num
 # ------------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Folder for the deployment bundle (must not exist, unless --force).")
+@click.option("--precision", "precisions", multiple=True, required=True, type=click.Choice(list(PRECISION_NAMES)),
+              help="A precision to keep (repeat for several).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
+def slim(bundle, out, precisions, force):
+    """Copy the files BUNDLE's chosen precisions read into a deployment bundle, nothing else.
+
+    For the device: the full bundle keeps fp32 (what build and parity start from) and every precision
+    built; an edge box runs one. Every file is checked against its checksum as it is copied; OUT appears
+    only when complete. Run the result with --precision (it has no fp32 graphs, so it cannot be built from).
+
+    \b
+    blip2-export slim ./bundle -o ./bundle-int4 --precision int4
+    blip2-export run ./bundle-int4 --precision int4 --image cat.jpg
+    """
+    from blip2_export.slim import slim_bundle
+
+    copied = []
+    out = slim_bundle(bundle, out, precisions, force=force, progress=lambda name, n: copied.append(n))
+    _echo(f"wrote {out}: {', '.join(precisions)}, {len(copied)} files, {sum(copied) / 1e9:.2f} GB")
+
+
+# ------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--no-verify", is_flag=True, help="Skip checksum verification.")
 def inspect(bundle, no_verify):
     """Validate BUNDLE (manifest + checksums) and print what it holds."""

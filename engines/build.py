@@ -246,6 +246,10 @@ def build_bundle(bundle: str | Path, config: BuildConfig, *, progress: bool = Tr
     bundle = Path(bundle)
     say = echo or (lambda s: None)
     manifest = load_manifest(bundle, verify=False)
+    if "fp32" not in manifest.graphs:
+        raise Blip2Error(f"{bundle} is a deployment bundle ({', '.join(manifest.precisions())} only, made by "
+                         "'blip2-export slim'): it has no fp32 graphs to build from",
+                         hint="build in the full bundle, then slim it again")
     # What the build reads: the shared files and the fp32 graphs it transforms (or the graphs it makes
     # engines of); other precisions' files are not read (a full-size bundle holds tens of GB).
     BundleFiles(bundle).verify_all(iter_files(manifest, {"fp32", config.precision}))

@@ -210,7 +210,9 @@ class Manifest:
         if precision not in self.graphs:
             raise BundleError(
                 f"bundle has no {precision} graphs (it has: {', '.join(self.precisions())})",
-                hint=f"run 'blip2-export build BUNDLE --precision {precision}' first",
+                hint=f"run 'blip2-export build BUNDLE --precision {precision}' first" if "fp32" in self.graphs
+                else f"this deployment bundle holds {', '.join(self.precisions())} only: pass --precision "
+                     f"{self.precisions()[0]}, or use the full bundle it was made from",
             )
         graphs = self.graphs[precision]
         if name not in graphs:
@@ -325,11 +327,15 @@ class Manifest:
             family = self.family
         except ValueError:
             raise BundleError(f"unknown model family {self.model.family!r} in manifest") from None
-        if "fp32" not in self.graphs:
-            raise BundleError("manifest has no fp32 graphs; the bundle is incomplete")
-        for g in REQUIRED_GRAPHS[family]:
-            if g.value not in self.graphs["fp32"]:
-                raise BundleError(f"manifest lists no {g.value!r} graph, which a {family.value} bundle needs")
+        if not self.graphs:
+            raise BundleError("manifest lists no graphs; the bundle is incomplete")
+        # A full bundle has every fp32 graph; a deployment bundle ('blip2-export slim') has no fp32 and
+        # every graph of each precision it keeps.
+        for prec in ["fp32"] if "fp32" in self.graphs else list(self.graphs):
+            for g in REQUIRED_GRAPHS[family]:
+                if g.value not in self.graphs[prec]:
+                    raise BundleError(f"manifest lists no {prec} {g.value!r} graph, which a {family.value} "
+                                      "bundle needs")
         self._validate_values()
         for prec, graphs in self.graphs.items():
             for name, rec in graphs.items():
@@ -363,7 +369,8 @@ class Manifest:
             raise BundleError("manifest lists no 'tokenizer' file")
         if family is not Family.RETRIEVAL and not self.model.eos_token_ids:
             raise BundleError("manifest model.eos_token_ids is empty: generation would never stop on its own")
-        if family is Family.DECODER_ONLY and "embed_tokens" not in self.files:
+        if family is Family.DECODER_ONLY and "embed_tokens" not in self.files \
+                and not all(f"embed_tokens.{p}" in self.files for p in self.graphs):
             raise BundleError("manifest lists no 'embed_tokens' file, which a decoder-only bundle needs")
         total = self.dims.get("total")
         if total is not None and self.family is not Family.RETRIEVAL and self.model.max_context > total.max:

@@ -14,7 +14,7 @@ from blip2_export.parity import THRESHOLDS, list_images, run_parity
 from engines.build import BACKEND_PRECISIONS, TRANSFORM_FUNCS, BuildConfig, build_bundle
 from runtime.contract import GraphName
 from runtime.errors import Blip2Error, BundleError
-from runtime.manifest import Manifest, load_manifest
+from runtime.manifest import Manifest, iter_files, load_manifest
 from runtime.pipeline import Blip2Runtime
 from runtime.precisions import PRECISIONS, TRANSFORMS, Role
 
@@ -412,3 +412,38 @@ def test_int4_reads_a_float16_embedding_table_of_its_own(built, tmp_path, monkey
     m2 = load_manifest(b2)
     assert m2.files["embed_tokens.int4"].file != own.file and not (b2 / own.file).exists()
     assert (b2 / m2.files["embed_tokens"].file).exists()
+
+
+def test_slim_keeps_only_what_int4_reads(built, tmp_path, capsys):
+    """#16: the deployment bundle of int4 holds its graphs, engines, data, tokenizer and float16 table
+    only; it captions as the full bundle does, says what to pass without --precision, and refuses build."""
+    from blip2_export.cli import main
+
+    bundle, _, calib = built
+    out = tmp_path / "int4-only"
+    assert main(["slim", str(bundle), "-o", str(out), "--precision", "int4"]) == 0
+    full, slim = load_manifest(bundle), load_manifest(out)
+    assert slim.precisions() == ["int4"] and "embed_tokens" not in slim.files
+    listed = {n for n, _, _ in iter_files(slim)} | {"manifest.json"}
+    assert {f.name for f in out.iterdir()} == listed  # nothing else was copied
+    assert not any(f.startswith(("vision.onnx", "decoder.onnx", "decoder.int8")) for f in listed)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    assert size < 0.6 * sum(f.stat().st_size for f in bundle.iterdir()), size
+    img = list_images(None, count=1)[0]
+    want = Blip2Runtime(bundle, precision="int4", threads=1).caption(img, max_new_tokens=6)
+    assert Blip2Runtime(out, precision="int4", threads=1).caption(img, max_new_tokens=6) == want
+    with pytest.raises(Blip2Error, match=r"holds int4 only: pass --precision int4"):
+        Blip2Runtime(out)
+    with pytest.raises(Blip2Error, match="deployment bundle"):
+        build_bundle(out, BuildConfig(precision="int8", backend="ort", calib_images=calib), progress=False)
+    # a file damaged in the source is refused while copying, and nothing is left behind
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged)
+    f = damaged / full.graph("vision", "int4").file
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1
+    f.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["slim", str(damaged), "-o", str(tmp_path / "never"), "--precision", "int4"]) == 2
+    assert "checksum" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("blip2-stage-")]
