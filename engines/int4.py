@@ -7,9 +7,9 @@ symmetric int4 codes ``q`` in [-8, 7] with one float32 scale per block of ``bloc
 
 The portable graph holds each weight as an ``INT4`` initializer behind a blockwise ``DequantizeLinear``
 (``block_size``, opset 21): what a strongly typed TensorRT network takes as INT4 weight-only, and what
-ONNX Runtime runs as is: its QDQ transformer fuses each pair into ``com.microsoft.MatMulNBits`` with
-``bits=4`` when a session is created (:func:`int4_layers`). The ORT engine build keeps the pairs, so
-the engine and the portable graph read the same int4 weights (stored once).
+ONNX Runtime runs as is. The ORT engine build keeps the pairs, so the engine and the portable graph read
+the same int4 weights (stored once); the runtime makes each a ``com.microsoft.MatMulNBits`` with
+``bits=4`` while it stages the engine for loading (``runtime.backends.nbits``).
 
 How the codes are chosen (``method``):
 
@@ -358,28 +358,3 @@ def _output_error(w_nk: np.ndarray, wq_nk: np.ndarray, h: np.ndarray) -> float:
 
 
 # -- the ORT engine: MatMulNBits ---------------------------------------------------------------------------
-def int4_layers(model) -> int:
-    """The ``DequantizeLinear(int4 blocks along K) -> MatMul`` pairs of ``model`` that ONNX Runtime fuses
-    into ``com.microsoft.MatMulNBits`` (``bits=4``) when a session is created (its QDQ
-    ``DQMatMulToMatMulNBits`` transformer, ``accuracy_level`` from the session's
-    ``session.qdq_matmulnbits_accuracy_level``): a constant INT4 weight with one scale per block, no zero
-    point, read by one MatMul only. The ORT engine leaves these as they are, so the int4 weights are stored
-    once (in the portable graph's data file) and read by both graphs."""
-    from onnx import TensorProto, helper
-
-    inits = {t.name: t for t in model.graph.initializer}
-    users: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-    count = 0
-    for dq in model.graph.node:
-        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
-            continue
-        t = inits[dq.input[0]]
-        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
-        readers = users.get(dq.output[0], [])
-        if (t.data_type == TensorProto.INT4 and "block_size" in attrs and len(readers) == 1
-                and readers[0].op_type == "MatMul" and readers[0].input[1] == dq.output[0]):
-            count += 1
-    return count

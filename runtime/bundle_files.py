@@ -88,6 +88,16 @@ class BundleFiles:
             raise BundleError(f"bundle file {printable(name)} resolves outside the bundle")
         return Path(path)
 
+    def _open(self, name: str, *, manifest: bool = False) -> int:
+        """A read-only descriptor of bundle file ``name`` (resolved as :meth:`resolve` does; ``O_NOFOLLOW``,
+        so a symlink swapped in after the check is refused)."""
+        path = self.resolve(name, manifest=manifest)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            return os.open(path, flags)
+        except OSError as e:
+            raise BundleError(f"cannot open bundle file {printable(name)}: {e.strerror or e}") from None
+
     def size(self, name: str) -> int:
         return self.resolve(name).stat().st_size
 
@@ -97,12 +107,7 @@ class BundleFiles:
 
         ``limit`` caps the size before anything is read (a :class:`BundleError` names the cap). A private
         ``bytearray`` (numpy arrays can view it), or ``bytes`` with ``as_bytes``."""
-        path = self.resolve(name, manifest=what == "manifest")
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(path, flags)
-        except OSError as e:  # a symlink swapped in after resolve() (O_NOFOLLOW), or gone
-            raise BundleError(f"cannot open bundle file {printable(name)}: {e.strerror or e}") from None
+        fd = self._open(name, manifest=what == "manifest")
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -149,12 +154,7 @@ class BundleFiles:
         """Copy ``name`` into ``staging``, reading it once: its size and sha256 (with ``verify``) are those of
         the manifest, computed on the very bytes written. Returns the copy's path; it is complete and checked
         when this returns (a mismatch removes it and raises)."""
-        path = self.resolve(name)
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(path, flags)
-        except OSError as e:
-            raise BundleError(f"cannot open bundle file {printable(name)}: {e.strerror or e}") from None
+        fd = self._open(name)
         dest = staging.path(name)
         try:
             st = os.fstat(fd)
@@ -220,13 +220,8 @@ class BundleFiles:
             self._hash_file(name, digest, size)
 
     def _hash_file(self, name: str, digest: str, size: int | None) -> None:
-        """Hash without keeping the bytes (the startup check of files loaded later by :meth:`read`)."""
-        path = self.resolve(name)
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(path, flags)
-        except OSError as e:
-            raise BundleError(f"cannot open bundle file {printable(name)}: {e.strerror or e}") from None
+        """Hash without keeping the bytes (:meth:`verify_all`: `inspect`, and what `build` reads)."""
+        fd = self._open(name)
         try:
             n = os.fstat(fd).st_size
             if size is not None and n != size:

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from engines.int4 import NBITS_ACCURACY_LEVEL as INT4_ACCURACY_LEVEL
-from engines.int4 import int4_layers
 from engines.onnx_utils import EXTERNAL_DATA_THRESHOLD
 from engines.ort.activations import uint8_activations
 from engines.ort.attention import fuse_decoder_attention
@@ -28,7 +27,7 @@ from engines.tensor_store import (
     save_streaming,
     weight_bytes,
 )
-from runtime.backends.nbits import NBITS_ACCURACY_LEVEL, NBITS_BLOCK, int8_layers
+from runtime.backends.nbits import NBITS_ACCURACY_LEVEL, NBITS_BLOCK, quantized_layers
 from runtime.contract import GraphName
 from runtime.errors import Blip2Error, require
 from runtime.integrity import atomic_write_text
@@ -194,8 +193,8 @@ def _engine_int8_weights(model, int8: str, writer=None) -> dict:
     int4 blocks and (``"nbits"``) the int8 layers to MatMulNBits (4 and 8 bits) while it stages the graph
     for loading (:func:`runtime.backends.nbits.lower_layers`, ``notes["lower_at_load"]``)."""
 
-    fused4 = int4_layers(model)
-    lowered = int8_layers(model) if int8 == "nbits" else 0
+    counts = quantized_layers(model)
+    fused4, lowered = counts[4], (counts[8] if int8 == "nbits" else 0)
     folded = fold_int8_weights(model, writer) if int8 == "fold" else 0
     notes: dict[str, Any] = {}
     if fused4:

@@ -109,9 +109,9 @@ def int4_blocks_from_raw(raw: np.ndarray, dims: tuple[int, int], trans_b: bool, 
     return packed.reshape(n_out, k // block, block // 2)
 
 
-def int8_layers(model) -> int:
-    """How many ``DequantizeLinear(int8 2-D weight) -> MatMul/Gemm`` pairs ``model`` has (nothing is read):
-    what :func:`lower_layers` lowers to 8-bit MatMulNBits."""
+def quantized_layers(model) -> dict[int, int]:
+    """How many ``DequantizeLinear(int8 or int4 2-D weight) -> MatMul/Gemm`` pairs ``model`` has, per bit
+    width (nothing is read): what :func:`lower_layers` turns into MatMulNBits."""
     from onnx import TensorProto
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -119,13 +119,14 @@ def int8_layers(model) -> int:
     for n in model.graph.node:
         for i in n.input:
             users.setdefault(i, []).append(n)
-    count = 0
+    bits = {TensorProto.INT8: 8, TensorProto.INT4: 4}
+    count = {8: 0, 4: 0}
     for dq in model.graph.node:
         t = inits.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
         readers = users.get(dq.output[0], []) if t is not None else []
-        if (t is not None and t.data_type == TensorProto.INT8 and len(t.dims) == 2 and len(readers) == 1
+        if (t is not None and t.data_type in bits and len(t.dims) == 2 and len(readers) == 1
                 and readers[0].op_type in ("MatMul", "Gemm") and readers[0].input[1] == dq.output[0]):
-            count += 1
+            count[bits[t.data_type]] += 1
     return count
 
 
