@@ -240,14 +240,14 @@ class OrtBackend:
                           "there and keeps fp32 copies of the weights (more memory than the fp32 graphs, fp32 "
                           "speed); on this machine use --precision fp32 (exact) or int8 (fastest)",
                           Blip2Warning, stacklevel=2)
-        int4 = record.transform_spec.int4_weights
-        if int4 and not (self.engine_for(record) and record.ort_engine.lower_at_load) \
-                and _version(self.ort.__version__) < MIN_ORT_INT4:
-            raise Blip2Error(f"int4 graphs need ONNX Runtime {'.'.join(map(str, MIN_ORT_INT4))} or newer (it fuses "
-                             f"their int4 blocks into MatMulNBits); this is {self.ort.__version__}",
-                             hint="pip install -U 'onnxruntime>=1.20', or run --precision int8")
         files = files or BundleFiles(bundle)
         found = self.engine_for(record)
+        lower = bool(found and found[1].lower_at_load)  # the runtime makes the quantized layers MatMulNBits
+        fuse4 = record.transform_spec.int4_weights and not lower  # else ORT fuses the int4 layers itself
+        if fuse4 and _version(self.ort.__version__) < MIN_ORT_INT4:
+            raise Blip2Error(f"the portable int4 graphs need ONNX Runtime {'.'.join(map(str, MIN_ORT_INT4))} or "
+                             f"newer (it fuses their int4 blocks into MatMulNBits); this is {self.ort.__version__}",
+                             hint="pip install -U 'onnxruntime>=1.20', or load the bundle's ORT engines")
         if found:
             # The engine's data files: its own, and the portable graph's where it shares equal weights.
             recs = {e.file: (e.sha256, e.bytes) for e in record.external_data}
@@ -270,15 +270,15 @@ class OrtBackend:
                     files.stage(name, sha, size, staging)
             if int8 is not None and int8.ops:
                 raw = _weight_form_model(model, int8, external, staging)
-            elif found and found[1].lower_at_load:  # quantized layers in the portable form: MatMulNBits, staged
+            elif lower:  # quantized layers in the portable form: MatMulNBits, staged
                 raw = _lowered_model(model, external, staging)
             del model
             graph_path = staging.path(_free_name("graph.onnx", {n for n, _, _ in listed}))
             graph_path.write_bytes(raw)
             del raw
-            # int4: MatMul + Add -> Gemm would run before (and so prevent) ORT's DequantizeLinear(int4) ->
-            # MatMul -> MatMulNBits fusion, leaving those layers to dequantize their weights at every run
-            off = ["MatMulAddFusion"] if int4 else []
+            # portable int4: MatMul + Add -> Gemm would run before (and so prevent) ORT's DequantizeLinear(int4)
+            # -> MatMul -> MatMulNBits fusion, leaving those layers to dequantize their weights at every run
+            off = ["MatMulAddFusion"] if fuse4 else []
             try:
                 sess = self.ort.InferenceSession(str(graph_path), sess_options=so, providers=self.providers,
                                                  disabled_optimizers=off)
