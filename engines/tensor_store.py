@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import Blip2Error
+from runtime.graph_check import set_external
 
 # Tensors at least this large go to the external-data file (onnx.save_model's size_threshold does the same).
 INLINE_MAX = 1024
@@ -98,16 +99,6 @@ def _all_tensors(model):
                 yield a.t
 
 
-def _set_external(t, location: str, offset: int, length: int) -> None:
-    from onnx import TensorProto
-
-    del t.external_data[:]
-    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        e = t.external_data.add()
-        e.key, e.value = k, v
-    t.data_location = TensorProto.EXTERNAL
-
-
 def _clear_values(t) -> None:
     t.ClearField("raw_data")
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
@@ -152,7 +143,7 @@ class DataWriter:
             length = len(data)
         self._f.flush()  # readable through its path by a later pass
         _clear_values(t)
-        _set_external(t, str(self.path), self.offset, length)
+        set_external(t, str(self.path), self.offset, length)
         self.offset += length
 
     def copy_external(self, t) -> None:
@@ -172,7 +163,7 @@ class DataWriter:
                 self._f.write(chunk)
                 left -= len(chunk)
         self._f.flush()
-        _set_external(t, str(self.path), start, length)
+        set_external(t, str(self.path), start, length)
         self.offset += length
 
     def relocate(self, tensors) -> None:

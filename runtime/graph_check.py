@@ -132,6 +132,19 @@ _ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4
 PACKED_4BIT = (21, 22)  # UINT4, INT4 (int4 weights): two values per byte
 
 
+def set_external(t, location: str, offset: int, length: int) -> None:
+    """Point initializer ``t`` at ``length`` bytes at ``offset`` of data file ``location`` (its values are
+    kept there, not in the graph)."""
+    require("onnx", "cpu")
+    from onnx import TensorProto
+
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    t.data_location = TensorProto.EXTERNAL
+
+
 def stored_bytes(data_type: int, count: int) -> int:
     """Bytes an ONNX tensor of ``count`` values of ``data_type`` takes in raw/external data."""
     if data_type in PACKED_4BIT:

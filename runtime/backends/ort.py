@@ -30,7 +30,7 @@ from runtime.backends.int8_kernels import (
 from runtime.backends.nbits import NBITS_ACCURACY_LEVEL, lower_layers
 from runtime.bundle_files import BundleFiles, Staging, printable
 from runtime.errors import Blip2Error, Blip2Warning, require
-from runtime.graph_check import PACKED_4BIT, ExternalTensor, check_graph, parse_graph
+from runtime.graph_check import PACKED_4BIT, ExternalTensor, check_graph, parse_graph, set_external
 from runtime.manifest import EngineRecord, GraphRecord, OrtEngineFacts
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int8": np.int8}
@@ -370,16 +370,9 @@ class _StagedWriter:
         return t
 
     def external(self, t, data) -> None:
-        from onnx import TensorProto
-
         self.file.write(b"\0" * (-self.file.tell() % 64))
         offset = self.file.tell()
-        length = self.file.write(data)
-        del t.external_data[:]
-        for k, v in (("location", FORM_DATA), ("offset", str(offset)), ("length", str(length))):
-            entry = t.external_data.add()
-            entry.key, entry.value = k, v
-        t.data_location = TensorProto.EXTERNAL
+        set_external(t, FORM_DATA, offset, self.file.write(data))
 
     def close(self) -> None:
         self.file.close()
