@@ -5,6 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+# Names of the folders under pytest's temp root that outlive their module (tests/conftest.py removes the
+# rest when a module is done).
+SESSION_DIRS: set[str] = set()
+
+
+def session_dir(tmp_path_factory, name: str) -> Path:
+    """A temp folder for a session-scoped fixture, or a build cached for the whole test process: kept
+    until the session ends."""
+    path = tmp_path_factory.mktemp(name)
+    SESSION_DIRS.add(path.name)
+    return path
+
 
 def manifest_file_records(m: dict) -> Iterator[dict]:
     """Every file record of a manifest's JSON: its files, graphs, their external data and engines."""

@@ -9,6 +9,7 @@ import os
 import warnings
 
 import pytest
+from bundle_tools import SESSION_DIRS, session_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
@@ -37,18 +38,49 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+# -- disk: the suite's bundles are removed as soon as their module is done ---------------------------
+# Full suite runs wrote 8.5 GB of bundles under pytest's temp folder, all kept to the end; a CI machine
+# with less free disk fails on that alone. Function-scoped ``tmp_path`` folders go when their test passes
+# (``tmp_path_retention_policy = "failed"`` in pyproject.toml); what a module's fixtures made with
+# ``tmp_path_factory`` goes when the module is done (below), unless one of its tests failed. Folders of
+# session-scoped fixtures (and of builds cached for the whole process) are made with
+# ``bundle_tools.session_dir`` and kept.
+_FAILED_MODULES: set[str] = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _FAILED_MODULES.add(item.module.__name__ if item.module is not None else "")
+    return report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_temp_cleanup(request, tmp_path_factory):
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before = set(os.listdir(base))
+    yield
+    if request.module.__name__ in _FAILED_MODULES:
+        return  # kept for a look at what went wrong
+    for name in set(os.listdir(base)) - before - SESSION_DIRS:
+        shutil.rmtree(base / name, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from blip2_export.modelzoo import make_random_checkpoint
 
-    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-opt", "tiny", seed=0)
+    return make_random_checkpoint(session_dir(tmp_path_factory, "ckpt") / "tiny-opt", "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint, tmp_path_factory):
     from blip2_export.export import ExportConfig, export_bundle
 
-    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "tiny-opt",
+    return export_bundle(tiny_checkpoint, session_dir(tmp_path_factory, "bundle") / "tiny-opt",
                          ExportConfig(max_context=128), progress=False)
 
 

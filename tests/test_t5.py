@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from bundle_tools import session_dir
 
 from blip2_export.parity import DEFAULT_PROMPTS, list_images, run_parity
 from runtime.contract import Family, GraphName
@@ -26,7 +27,7 @@ def build_t5(tmp_path_factory, preset: str = "tiny", seed: int = 0):
         from blip2_export.export import ExportConfig, export_bundle
         from blip2_export.modelzoo import load_checkpoint, make_random_checkpoint
 
-        root = tmp_path_factory.mktemp(f"t5-{preset}")
+        root = session_dir(tmp_path_factory, f"t5-{preset}")  # shared with other modules
         ck = make_random_checkpoint(root / "ckpt", preset, seed=seed, llm="t5")
         bundle = export_bundle(ck, root / "bundle", ExportConfig(max_context=128, max_batch=16), progress=False)
         _BUILT[preset] = (ck, bundle, load_checkpoint(ck))
