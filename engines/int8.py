@@ -4,10 +4,12 @@ TensorRT 10.1+ deprecates (and 11 removes) implicit int8 and its calibrators; a 
 takes its int8 from Q/DQ nodes in the ONNX. ONNX Runtime runs the same file. Two recipes:
 
 ``static``  activation ranges from calibration (the user's images and prompts, recorded while the fp32
-            bundle runs: see ``engines.calibration``), symmetric int8 activations, per-channel symmetric
-            int8 weights; ONNX Runtime's ``quantize_static`` inserts the Q/DQ pairs. Only linear layers
-            (MatMul with a constant weight, Gemm, Conv) are quantized: LayerNorm, Softmax, attention
-            score/value products and the residual stream stay fp32.
+            bundle runs: see ``engines.calibration``; the ranges themselves: ``engines.ranges``),
+            symmetric int8 activations, per-channel symmetric int8 weights, Q/DQ pairs inserted here
+            (:func:`quantize_static_graph`, which streams the weights: ONNX Runtime's own quantizer
+            holds the whole fp32 graph several times over). Only linear layers (MatMul with a constant
+            weight, Gemm, Conv) are quantized: LayerNorm, Softmax, attention score/value products and
+            the residual stream stay fp32.
 ``weight``  weight-only int8: each linear weight is stored int8 with a per-output-channel scale and a
             DequantizeLinear in front of its MatMul; activations stay fp32. For the LLM this is the
             faster choice on GPUs (decode is bound by reading weights) and the safer one for accuracy
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.onnx_utils import ensure_node_names, gemm_as_matmul, load_model, producer_through, toposort
+from engines.onnx_utils import ensure_node_names, gemm_as_matmul, producer_through, toposort
 from engines.tensor_store import load_lazy, tensor_array
 from runtime.contract import GraphIO, GraphName
 from runtime.errors import Blip2Error
@@ -74,27 +76,46 @@ def float_outputs_nodes(model, io: GraphIO) -> list[str]:
 
 
 # -- static (calibrated) ---------------------------------------------------------------------------
-class _Reader:
-    """``onnxruntime.quantization.CalibrationDataReader`` over recorded feeds."""
+@dataclass(frozen=True)
+class LinearLayer:
+    """A node the static recipe quantizes: its constant weight (an initializer), the weight's
+    output-channel axis, and its constant bias (Gemm, Conv) if any."""
 
-    def __init__(self, feeds: list[dict[str, np.ndarray]], input_names: list[str], progress=None):
-        self.feeds = feeds
-        self.names = input_names
-        self.i = 0
-        self.progress = progress
+    node: str
+    op: str
+    x: str  # the activation input
+    weight: str
+    axis: int
+    bias: str | None
 
-    def get_next(self):
-        if self.i >= len(self.feeds):
-            return None
-        f = self.feeds[self.i]
-        self.i += 1
-        if self.progress is not None:
-            self.progress.update(1)
-        return {n: np.ascontiguousarray(f[n], dtype=np.float32) if f[n].dtype.kind == "f" else f[n]
-                for n in self.names}
 
-    def rewind(self):
-        self.i = 0
+def linear_layers(model, exclude: list[str] | tuple[str, ...] = ()) -> list[LinearLayer]:
+    """The MatMul / Gemm / Conv nodes of ``model`` whose weight is a constant float initializer (attention
+    products of two activations are not among them), minus ``exclude``, in graph order."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in QUANT_OPS or n.name in exclude or len(n.input) < 2:
+            continue
+        w = inits.get(n.input[1])
+        if w is None or w.data_type != TensorProto.FLOAT or n.input[0] in inits:
+            continue
+        if n.op_type == "MatMul":
+            if len(w.dims) != 2:
+                continue
+            axis = 1
+        elif n.op_type == "Gemm":
+            attrs = {a.name: a.i for a in n.attribute}
+            if attrs.get("transA", 0):
+                continue
+            axis = 0 if attrs.get("transB", 0) else 1
+        else:  # Conv: [out_channels, in/groups, k...]
+            axis = 0
+        bias = n.input[2] if len(n.input) > 2 and n.input[2] in inits else None
+        out.append(LinearLayer(n.name, n.op_type, n.input[0], w.name, axis, bias))
+    return out
 
 
 def quantize_static_graph(src: str | Path, graph: str, io: GraphIO, feeds: list[dict[str, np.ndarray]],
@@ -102,84 +123,58 @@ def quantize_static_graph(src: str | Path, graph: str, io: GraphIO, feeds: list[
                           progress: bool = False, tolerance: float = 0.0) -> Int8Result:
     """Q/DQ-quantize the linear layers of ``src`` with activation ranges from ``feeds``.
 
+    Each linear layer (MatMul / Gemm / Conv with a constant weight) gets a ``QuantizeLinear ->
+    DequantizeLinear`` pair on its activation input (int8, zero point 0, one scale per tensor: the
+    range :mod:`engines.ranges` picks) and an int8 weight with one scale per output channel behind a
+    ``DequantizeLinear``; a Gemm's or Conv's bias becomes int32 at the product's scale. Everything else
+    (LayerNorm, Softmax, the attention products of two activations, residual adds, the layers' outputs)
+    stays float.
+
+    Memory: the graph is read without its weights (:func:`engines.tensor_store.load_lazy`). The ranges
+    come from ONNX Runtime running the fp32 graph once per feed and pass, with the activations added to
+    its outputs; then each weight is read, quantized and kept in int8 (a quarter of the fp32 bytes), one
+    at a time. The fp32 graph and the int8 one are never loaded together.
+
     ``tolerance`` > 0: accuracy-aware fallback. The quantized graph's outputs are compared with the fp32
     graph's on (up to :data:`FALLBACK_SAMPLES` of) the calibration feeds; while their relative L2 error
     is above ``tolerance``, whole transformer blocks go back to float, from the last block towards the
     first (quantization noise added late reaches the output least attenuated: measured on the demo ViT,
     its last two of four blocks carried 95% of the error), at most :data:`FALLBACK_MAX_FRACTION` of the
-    blocks. Each step quantizes again (calibration included), so a fallback costs a build per step. The
-    manifest notes record the error before and after and the blocks kept float.
+    blocks. The ranges are measured once, on the fp32 graph; each step writes and runs the graph again.
+    The manifest notes record the error before and after and the blocks kept float.
     """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from engines.ranges import RangeObserver
 
     if not feeds:
         raise Blip2Error(f"no calibration samples for graph {graph!r}", hint="check --calib-images")
-    model = load_model(src)
+    src = Path(src)
+    model = load_lazy(src)
     ensure_node_names(model)
     exclude = float_outputs_nodes(model, io)
-    quantized_candidates = [n.name for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in exclude]
-    methods = {CalibMethod.MINMAX: CalibrationMethod.MinMax, CalibMethod.PERCENTILE: CalibrationMethod.Percentile,
-               CalibMethod.ENTROPY: CalibrationMethod.Entropy}
-    extra = {
-        "ActivationSymmetric": True,  # zero point 0: what TensorRT's explicit quantization expects
-        "WeightSymmetric": True,
-        "MatMulConstBOnly": True,  # attention Q.K^T and P.V stay float
-        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-    }
-    if method is CalibMethod.PERCENTILE:
-        extra["CalibPercentile"] = percentile
+    layers = linear_layers(model, exclude)
+    candidates = [la.node for la in layers]
+    observer = RangeObserver(method.value, percentile)
+    sample = feeds[:: max(1, len(feeds) // FALLBACK_SAMPLES)][:FALLBACK_SAMPLES] if tolerance > 0 else []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(feeds), desc=f"calibrate {graph}", unit="sample")
-    with tempfile.TemporaryDirectory(prefix=".int8-") as work:
-        src_named = Path(work) / "named.onnx"
-        big = sum(t.ByteSize() for t in model.graph.initializer) > (1 << 30)
-        onnx.save_model(model, str(src_named), save_as_external_data=big, all_tensors_to_one_file=True,
-                        location="named.onnx.data")
-        out = Path(work) / "int8.onnx"
-
-        float_nodes: list[str] = []  # blocks the fallback keeps float
-
-        def run(m: CalibMethod) -> None:
-            quantize_static(
-                str(src_named), str(out), _Reader(feeds, io.input_names(), bar), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANT_OPS), per_channel=True, activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8, nodes_to_exclude=exclude + float_nodes, calibrate_method=methods[m],
-                use_external_data_format=big, extra_options=extra,
-            )
-
-        used, fallback = method, None
-        quiet = _quiet_ort_logging()
-        shapes = {tuple((k, v.shape) for k, v in sorted(f.items())) for f in feeds}
-        if method is not CalibMethod.MINMAX and len(shapes) > 1:
-            # ORT's histogram calibrators stack every sample, so they need one shape; decoder samples
-            # differ in sequence and past length. Min/max ranges reduce per sample.
-            used, fallback = CalibMethod.MINMAX, f"{method.value} needs same-shape samples; used minmax"
-        fallback_notes = None
+        bar = tqdm(total=len(feeds) * observer.passes, desc=f"calibrate {graph}", unit="sample")
+    with _WorkDir(src) as work:
         try:
-            try:
-                run(used)
-            except ValueError as e:
-                # ORT's histogram calibrators fail on a near-constant tensor ("Too many bins for data
-                # range"); min/max ranges are well defined there, so fall back and say so in the manifest.
-                if method is CalibMethod.MINMAX or "bins" not in str(e):
-                    raise
-                used, fallback = CalibMethod.MINMAX, f"{method.value} failed ({e}); used minmax"
-                if bar is not None:
-                    bar.reset()
-                run(CalibMethod.MINMAX)
-            if tolerance > 0:
-                fallback_notes = _fall_back(model, quantized_candidates, tolerance, feeds, io, src_named, out,
-                                            float_nodes, lambda: run(used), bar)
+            reference = observe_ranges(work, model, sorted({la.x for la in layers}), feeds, io, observer, sample, bar)
         finally:
-            quiet()
             if bar is not None:
                 bar.close()
-        qmodel = load_model(out)
-    quantized_candidates = [n for n in quantized_candidates if n not in float_nodes]
+        amax = observer.ranges({la.x for la in layers})
+        weights = _QuantizedWeights(model)
+        float_nodes: list[str] = []
+        fallback_notes = None
+        if tolerance > 0:
+            fallback_notes = _fall_back(model, layers, amax, weights, tolerance, reference, sample, io, work,
+                                        float_nodes)
+        qmodel = qdq_model(model, [la for la in layers if la.node not in float_nodes], amax, weights)
+    quantized = [n for n in candidates if n not in float_nodes]
     exclude = exclude + float_nodes
     toposort(qmodel)
     ops = [n.op_type for n in qmodel.graph.node]
@@ -187,19 +182,215 @@ def quantize_static_graph(src: str | Path, graph: str, io: GraphIO, feeds: list[
     notes = {
         "transform": "int8",
         "recipe": Recipe.STATIC.value,
-        "calibration": {"method": used.value, "samples": len(feeds),
-                        **({"percentile": percentile} if used is CalibMethod.PERCENTILE else {}),
-                        **({"fallback": fallback} if fallback else {})},
-        "activations": "int8 symmetric, per tensor", "weights": "int8 symmetric, per output channel",
+        "calibration": {"method": method.value, "samples": len(feeds),
+                        **({"percentile": percentile} if method is CalibMethod.PERCENTILE else {})},
+        "activations": "int8 symmetric, per tensor (the linear layers' inputs)",
+        "weights": "int8 symmetric, per output channel",
         "quantize_linear_nodes": ops.count("QuantizeLinear"),
         "dequantize_linear_nodes": ops.count("DequantizeLinear"),
-        "linear_layers_quantized": len(quantized_candidates),
+        "linear_layers_quantized": len(quantized),
         "kept_float32": {"nodes": exclude, "op_types": kept,
-                         "also": "attention score/value MatMuls (no constant weight), residual adds"},
+                         "also": "attention score/value MatMuls (no constant weight), residual adds, "
+                                 "the linear layers' outputs"},
     }
     if fallback_notes is not None:
         notes["float_fallback"] = fallback_notes
     return Int8Result(qmodel, notes)
+
+
+class _WorkDir:
+    """A private folder beside ``src`` for the graphs the static recipe runs (the calibration graph, each
+    fallback step's int8 graph), holding links to ``src``'s weight files: ONNX Runtime reads external
+    data only from the graph's own folder. Removed on exit."""
+
+    def __init__(self, src: Path):
+        self.src = src
+
+    def __enter__(self) -> Path:
+        import os
+        import shutil
+
+        from engines.tensor_store import external_info, is_external
+
+        self.path = Path(tempfile.mkdtemp(prefix=".int8-", dir=self.src.parent))
+        try:
+            for loc in {external_info(t)["location"] for t in load_lazy(self.src).graph.initializer
+                        if is_external(t)}:
+                dst = self.path / Path(loc).name
+                if dst.exists():
+                    continue
+                try:
+                    os.link(loc, dst)
+                except OSError:  # a file system without hard links: a copy (disk, not memory)
+                    shutil.copyfile(loc, dst)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _relative(model, folder: Path):
+    """``model`` (read by ``load_lazy``: absolute external paths) with each external path made the plain
+    name of the file, which :class:`_WorkDir` linked into ``folder``."""
+    from engines.tensor_store import is_external
+
+    for t in model.graph.initializer:
+        if is_external(t):
+            for e in t.external_data:
+                if e.key == "location" and not e.value.startswith(str(folder)):
+                    e.value = Path(e.value).name
+    return model
+
+
+def _session(path: Path, *, optimize: bool = True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # one copy of the weights: no repacked second copy for the fast GEMM kernels
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def observe_ranges(work: Path, model, tensors: list[str], feeds: list[dict[str, np.ndarray]], io: GraphIO,
+                   observer, sample: list[dict[str, np.ndarray]], bar=None) -> list[list[np.ndarray]]:
+    """Run the fp32 graph (``model``, read lazily) on every feed, ``observer.passes`` times, handing the
+    values of ``tensors`` to ``observer``; return the graph's float outputs on ``sample`` (the fallback's
+    reference), taken in the first pass."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    calib = onnx.ModelProto()
+    calib.CopyFrom(model)
+    _relative(calib, work)
+    outputs = {o.name for o in calib.graph.output}
+    for name in tensors:
+        if name not in outputs:
+            calib.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    path = work / "calibrate.onnx"
+    onnx.save_model(calib, str(path))
+    del calib
+    sess = _session(path, optimize=False)
+    inputs = io.input_names()
+    floats = [o.name for o in sess.get_outputs() if o.type == "tensor(float)" and o.name in outputs]
+    names = list(tensors)
+    picked = {id(f) for f in sample}
+    reference: list[list[np.ndarray]] = []
+    for p in range(observer.passes):
+        for f in feeds:
+            want = names + (floats if p == 0 and id(f) in picked else [])
+            got = sess.run(want, {n: _feed_value(f[n]) for n in inputs})
+            observer.observe(dict(zip(names, got[:len(names)])))
+            if len(want) > len(names):
+                reference.append(got[len(names):])
+            if bar is not None:
+                bar.update(1)
+        observer.next_pass()
+    del sess
+    return reference
+
+
+def _feed_value(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32) if a.dtype.kind == "f" else a
+
+
+class _QuantizedWeights:
+    """int8 weights with their per-channel scales, made once per weight (read from disk one at a time)
+    and kept for every graph the fallback writes."""
+
+    def __init__(self, model):
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.done: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, name: str, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (name, axis)
+        if key not in self.done:
+            arr = tensor_array(self.inits[name]).astype(np.float32, copy=False)
+            self.done[key] = quantize_per_channel(arr, axis)
+            del arr
+        return self.done[key]
+
+    def value(self, name: str) -> np.ndarray:
+        return tensor_array(self.inits[name]).astype(np.float32, copy=False)
+
+
+def activation_scale(amax: float) -> np.float32:
+    return np.float32(amax / 127.0) if amax > 0 and np.isfinite(amax) else np.float32(1.0)
+
+
+def qdq_model(model, layers: list[LinearLayer], amax: dict[str, float], weights: _QuantizedWeights):
+    """A copy of ``model`` (read lazily) with ``layers`` quantized: a QuantizeLinear/DequantizeLinear pair
+    per activation (shared by the layers that read it), an int8 weight + DequantizeLinear per layer
+    weight, an int32 bias + DequantizeLinear where a layer has a bias. Names follow ONNX Runtime's
+    quantizer (``<w>_quantized``, ``<w>_scale``, ``<w>_zero_point``, ``<x>_QuantizeLinear_Output``...),
+    which the runtime's int8 weight forms and tests read. Weights it no longer uses are dropped."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    nodes = {n.name: n for n in graph.node}
+    new_inits: list = []
+    new_nodes: list = []
+    act_out: dict[str, str] = {}
+    weight_out: dict[str, str] = {}
+    for la in layers:
+        node = nodes[la.node]
+        if la.x not in act_out:
+            s = numpy_helper.from_array(np.array(activation_scale(amax.get(la.x, 0.0)), np.float32), f"{la.x}_scale")
+            z = numpy_helper.from_array(np.array(0, np.int8), f"{la.x}_zero_point")
+            q_out, dq_out = f"{la.x}_QuantizeLinear_Output", f"{la.x}_DequantizeLinear_Output"
+            new_inits += [s, z]
+            new_nodes += [helper.make_node("QuantizeLinear", [la.x, s.name, z.name], [q_out],
+                                           name=f"{la.x}_QuantizeLinear"),
+                          helper.make_node("DequantizeLinear", [q_out, s.name, z.name], [dq_out],
+                                           name=f"{la.x}_DequantizeLinear")]
+            act_out[la.x] = dq_out
+        q, w_scale = weights.get(la.weight, la.axis)
+        if la.weight not in weight_out:
+            wq = numpy_helper.from_array(q, f"{la.weight}_quantized")
+            ws = numpy_helper.from_array(w_scale, f"{la.weight}_scale")
+            wz = numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{la.weight}_zero_point")
+            new_inits += [wq, ws, wz]
+            w_out = f"{la.weight}_DequantizeLinear_Output"
+            new_nodes.append(helper.make_node("DequantizeLinear", [wq.name, ws.name, wz.name], [w_out],
+                                              axis=la.axis, name=f"{la.weight}_DequantizeLinear"))
+            weight_out[la.weight] = w_out
+        node.input[0] = act_out[la.x]
+        node.input[1] = weight_out[la.weight]
+        if la.bias is not None:
+            b = weights.value(la.bias).reshape(-1)
+            if b.shape == w_scale.shape:
+                b_scale = (w_scale * activation_scale(amax.get(la.x, 0.0))).astype(np.float32)
+                bq = np.clip(np.rint(b / b_scale), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+                name = f"{la.bias}_{la.node}" if la.bias in weight_out else la.bias
+                bi = numpy_helper.from_array(bq, f"{name}_quantized")
+                bs = numpy_helper.from_array(b_scale, f"{name}_quantized_scale")
+                bz = numpy_helper.from_array(np.zeros_like(bq), f"{name}_quantized_zero_point")
+                new_inits += [bi, bs, bz]
+                b_out = f"{name}_DequantizeLinear_Output"
+                new_nodes.append(helper.make_node("DequantizeLinear", [bi.name, bs.name, bz.name], [b_out],
+                                                  axis=0, name=f"{name}_DequantizeLinear"))
+                node.input[2] = b_out
+                weight_out.setdefault(la.bias, b_out)
+    body = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + body)
+    graph.initializer.extend(new_inits)
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    toposort(out)
+    return out
 
 
 # -- accuracy-aware fallback -----------------------------------------------------------------------
@@ -222,14 +413,10 @@ def linear_blocks(model, nodes: list[str]) -> list[list[str]]:
 
 def graph_outputs(path: Path, feeds: list[dict[str, np.ndarray]], io: GraphIO) -> list[list[np.ndarray]]:
     """The float outputs of the graph at ``path`` for each of ``feeds`` (CPU, ONNX Runtime)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = _session(path)
     names = [o.name for o in sess.get_outputs() if o.type == "tensor(float)"]
     inputs = io.input_names()
-    return [sess.run(names, {n: f[n] for n in inputs}) for f in feeds]
+    return [sess.run(names, {n: _feed_value(f[n]) for n in inputs}) for f in feeds]
 
 
 def output_error(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
@@ -242,23 +429,34 @@ def output_error(reference: list[list[np.ndarray]], candidate: list[list[np.ndar
     return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
 
 
-def _fall_back(model, candidates: list[str], tolerance: float, feeds, io: GraphIO, src: Path, out: Path,
-               float_nodes: list[str], requantize, bar) -> dict:
-    """Keep blocks float (appending to ``float_nodes``, re-running ``requantize`` into ``out``) from the
-    last block back until the output error is within ``tolerance``; return the notes."""
-    sample = feeds[:: max(1, len(feeds) // FALLBACK_SAMPLES)][:FALLBACK_SAMPLES]
-    reference = graph_outputs(src, sample, io)  # the fp32 graph runs once
-    first = err = output_error(reference, graph_outputs(out, sample, io))
-    blocks = linear_blocks(model, candidates)
+def _fall_back(model, layers: list[LinearLayer], amax: dict[str, float], weights, tolerance: float,
+               reference: list[list[np.ndarray]], sample: list[dict[str, np.ndarray]], io: GraphIO, work: Path,
+               float_nodes: list[str]) -> dict:
+    """Keep blocks float (appending their nodes to ``float_nodes``) from the last block back until the
+    output error on ``sample`` is within ``tolerance``; return the notes. Each step writes the int8 graph
+    into ``work`` and runs it."""
+
+    def error() -> float:
+        from engines.tensor_store import save_streaming
+
+        q = qdq_model(model, [la for la in layers if la.node not in float_nodes], amax, weights)
+        path = work / "int8-step.onnx"
+        save_streaming(q, path, external_threshold=0)
+        del q
+        try:
+            return output_error(reference, graph_outputs(path, sample, io))
+        finally:
+            for f in work.glob("int8-step.onnx*"):
+                f.unlink()
+
+    first = err = error()
+    blocks = linear_blocks(model, [la.node for la in layers])
     limit = int(len(blocks) * FALLBACK_MAX_FRACTION)
     kept: list[list[str]] = []
     while err > tolerance and len(kept) < limit:
         kept.append(blocks[len(blocks) - 1 - len(kept)])
         float_nodes.extend(kept[-1])
-        if bar is not None:
-            bar.reset()
-        requantize()
-        err = output_error(reference, graph_outputs(out, sample, io))
+        err = error()
     return {"tolerance": tolerance, "samples": len(sample), "error_all_int8": round(first, 5),
             "error": round(err, 5), "met": err <= tolerance, "blocks": len(blocks),
             "float_blocks": [_block_name(b) for b in reversed(kept)]}
@@ -267,26 +465,6 @@ def _fall_back(model, candidates: list[str], tolerance: float, feeds, io: GraphI
 def _block_name(nodes: list[str]) -> str:
     m = _BLOCK.search(nodes[0])
     return nodes[0][:m.end()] if m else nodes[0]
-
-
-def _quiet_ort_logging():
-    """ORT's quantizer logs advice on the root logger and prints progress to stdout; hide both during a
-    build (our own progress bar says what is happening). Returns the function that undoes it."""
-    import contextlib
-    import io
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    redirect = contextlib.redirect_stdout(io.StringIO())
-    redirect.__enter__()
-
-    def undo() -> None:
-        redirect.__exit__(None, None, None)
-        root.setLevel(level)
-
-    return undo
 
 
 # -- weight-only -----------------------------------------------------------------------------------
@@ -357,12 +535,32 @@ def quantize_weights(src: str | Path, graph: str, io: GraphIO, exclude: tuple[st
 
 
 def quantize_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 with one scale per slice along ``axis``: w ~= q * scale."""
+    """Symmetric int8 with one scale per slice along ``axis``: w ~= q * scale.
+
+    Worked through in slabs of :data:`SLAB_BYTES` along the first axis, so the float temporaries stay
+    small whatever the weight's size (an LM head is 0.5 GB in fp32)."""
+    w = np.asarray(w)
+    if w.ndim == 0:
+        w = w.reshape(1)
+    rows = max(1, SLAB_BYTES // max(1, w[0].nbytes)) if w.shape[0] else 1
     other = tuple(i for i in range(w.ndim) if i != axis)
-    amax = np.abs(w).max(axis=other)
+    if axis == 0:
+        amax = np.concatenate([np.abs(w[i:i + rows]).max(axis=other) for i in range(0, w.shape[0], rows)])
+    else:
+        amax = np.zeros(w.shape[axis], np.float32)
+        for i in range(0, w.shape[0], rows):
+            np.maximum(amax, np.abs(w[i:i + rows]).max(axis=other), out=amax)
     scale = (amax / 127.0).astype(np.float32)
     scale[scale == 0] = 1.0
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.empty(w.shape, np.int8)
+    for i in range(0, w.shape[0], rows):
+        part = w[i:i + rows] / (scale[i:i + rows] if axis == 0 else scale).reshape(shape)
+        np.rint(part, out=part)
+        np.clip(part, -127, 127, out=part)
+        q[i:i + rows] = part
     return q, scale
+
+
+SLAB_BYTES = 16 << 20

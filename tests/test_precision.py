@@ -356,7 +356,7 @@ def test_int8_fallback_keeps_the_last_blocks_float(tiny_bundle, vision_calibrati
     error falls; with tolerance 0 every linear layer is quantized and nothing is recorded."""
     import onnx
 
-    from engines.int8 import QUANT_OPS, linear_blocks
+    from engines.int8 import linear_blocks, linear_layers
 
     plain = _quantize_vision(tiny_bundle, vision_calibration, 0.0)
     assert "float_fallback" not in plain.notes
@@ -364,7 +364,7 @@ def test_int8_fallback_keeps_the_last_blocks_float(tiny_bundle, vision_calibrati
     fb = strict.notes["float_fallback"]
     assert fb["met"] is False and fb["error"] < fb["error_all_int8"]
     model = onnx.load(str(tiny_bundle / "vision.onnx"))
-    blocks = linear_blocks(model, [n.name for n in model.graph.node if n.op_type in QUANT_OPS])
+    blocks = linear_blocks(model, [la.node for la in linear_layers(model)])  # constant weights only
     half = len(blocks) // 2
     assert fb["blocks"] == len(blocks) and len(fb["float_blocks"]) == half
     assert [f"{k}/" for k in fb["float_blocks"]] == [b[0][:len(k) + 1] for k, b in zip(fb["float_blocks"],
