@@ -103,18 +103,31 @@ class _Recorder(RunnerWrapper):
         return out
 
 
+@dataclass(frozen=True)
+class LlmSide:
+    """What the LLM side of a calibration runs. ``run`` False: nothing (no LLM graph is calibrated and no
+    KV-cache scales are wanted). ``graphs``: graph name -> (folder, GraphRecord) of graphs the build has
+    made already, run instead of the fp32 ones (their weight-only int8/int4 layers as MatMulNBits): an
+    int8 build takes its KV-cache scales from its own int8 decoder, a quarter of the fp32 one's memory."""
+
+    run: bool = True
+    graphs: dict = field(default_factory=dict)
+
+
 def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *, decode_steps: int = 6,
-            max_decoder_samples: int = 48, progress: bool = False) -> CalibrationSet:
+            max_decoder_samples: int = 48, progress: bool = False, llm: LlmSide | None = None) -> CalibrationSet:
     """Run the fp32 bundle over ``images`` x ``prompts`` and record every graph's inputs.
 
     Images run one at a time (batch 1, the common edge case); the decoder sees each prompt's prefill
     and ``decode_steps`` decode steps. Decoder samples are thinned evenly to ``max_decoder_samples``
-    (prefills are always kept: they carry the visual prefix).
+    (prefills are always kept: they carry the visual prefix). ``llm``: what the LLM side runs
+    (:class:`LlmSide`; default the fp32 graphs).
     """
 
+    llm_side = llm or LlmSide()
     if load_manifest(bundle, verify=False).family is Family.RETRIEVAL:
         return _collect_retrieval(bundle, images, prompts, progress=progress)
-    rt = Blip2Runtime(bundle, precision="fp32", backend="ort")
+    rt = Blip2Runtime(bundle, precision="fp32", backend="ort", lower_weights=True)
     cal = CalibrationSet()
     vision = (GraphName.VISION, GraphName.QFORMER)
 
@@ -135,7 +148,12 @@ def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
     prefixes = [rt.image_features([load_image(path)]) for path in it]  # a bad image stops here
     for name in vision:
         rt.release_graph(name)
+    if not llm_side.run:
+        return cal
     llm = [g for g in rt.manifest.required_graphs() if g not in vision]
+    for name in llm:
+        if name.value in llm_side.graphs:
+            rt.use_graph(name, *llm_side.graphs[name.value])
     record(llm)
     # Both LLM families generate (the T5 encoder, cross K/V and decoder feeds are what int4's GPTQ needs).
     if GraphName.DECODER in llm or GraphName.SEQ2SEQ_DECODER in llm:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runtime.backends import GraphRunner, GraphSet, create_backend
+from runtime.bundle_files import BundleFiles
 from runtime.contract import Family, GraphName
 from runtime.deadline import DEFAULT_TIMEOUT_S
 from runtime.manifest import Manifest, check_sizes, load_manifest
@@ -61,6 +62,15 @@ class BundleRuntime:
     def release_graph(self, name: GraphName) -> None:
         """Unload ``name`` (e.g. the vision graph once every image is encoded); it loads again on next use."""
         self._graph_set.release(name)
+
+    def use_graph(self, name: GraphName, folder: str | Path, record) -> GraphRunner:
+        """Run ``record`` (a ``GraphRecord`` whose files lie in ``folder``, checked as they load) as ``name``
+        instead of the manifest's graph: a build calibrates through a graph it has made but not yet
+        added to the bundle. Returns the runner."""
+        folder = Path(folder)
+        runner = self.backend.load(folder, record, BundleFiles(folder, verify=self.verify))
+        self._graph_set.put(name, runner)
+        return runner
 
     def wrap_graph(self, name: GraphName, wrap: Callable[[GraphRunner], GraphRunner]) -> GraphRunner:
         """Replace the runner of ``name`` by ``wrap(runner)`` (recorders, instrumentation); returns it."""

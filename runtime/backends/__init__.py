@@ -158,7 +158,7 @@ def create_backend(name: str = "ort", **options) -> Backend:
 register_backend(BackendSpec(
     "ort", "ONNX Runtime (CPU; CUDA or TensorRT execution providers with the gpu/trt extras)",
     "runtime.backends.ort:OrtBackend", extra="cpu", options=("providers", "threads", "optimize", "engines",
-                                                             "int8_kernel", "staging_dir")))
+                                                             "int8_kernel", "staging_dir", "lower_weights")))
 register_backend(BackendSpec(
     "trt", "TensorRT engines built by 'blip2-export build --backend trt' (NVIDIA GPU)",
     "runtime.backends.trt:TrtBackend", extra="trt", options=("device",)))
@@ -196,6 +196,12 @@ class GraphSet:
         """Drop the runner of ``name`` (its memory goes once no caller holds it); the next use loads it again."""
         with self._lock:
             self.loaded.pop(name.value, None)
+
+    def put(self, name, runner: GraphRunner) -> None:
+        """Run ``runner`` as ``name`` from now on (a graph loaded from elsewhere: see
+        ``BundleRuntime.use_graph``)."""
+        with self._lock:
+            self.loaded[name.value] = runner
 
     def wrap(self, name, wrap) -> GraphRunner:
         """Load ``name`` if needed and replace its runner by ``wrap(runner)`` (e.g. a :class:`RunnerWrapper`)."""

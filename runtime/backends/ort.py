@@ -174,12 +174,14 @@ class OrtBackend:
 
     def __init__(self, providers: list[str] | None = None, threads: int | None = None, optimize: bool = True,
                  engines: bool = True, int8_kernel: str | Int8Kernel = Int8Kernel.AUTO,
-                 staging_dir: str | None = None):
+                 staging_dir: str | None = None, lower_weights: bool = False):
         """``optimize``: ORT graph optimizations at load; ``engines``: load ORT engine builds of graphs
         (fused attention, in-place KV cache) when the bundle has them, else the portable graphs;
         ``int8_kernel``: the weight form of calibrated int8 graphs (``auto``: the exact one for this CPU,
         see :mod:`runtime.backends.int8_kernels`); ``staging_dir``: where the checked copies of graph data
-        are made while a graph loads (default ``$BLIP2_EXPORT_STAGING_DIR``, else the temp dir)."""
+        are made while a graph loads (default ``$BLIP2_EXPORT_STAGING_DIR``, else the temp dir);
+        ``lower_weights``: also run the weight-only int8/int4 layers of portable graphs (those without an
+        ORT engine) as MatMulNBits, as the engines' are (a build calibrates through its new decoder so)."""
         self.ort = require("onnxruntime", "cpu")
         available = self.ort.get_available_providers()
         self.providers = providers or ["CPUExecutionProvider"]
@@ -193,6 +195,7 @@ class OrtBackend:
         self.engines = engines
         self.int8_kernel = Int8Kernel.parse(int8_kernel)
         self.staging_dir = staging_dir
+        self.lower_weights = lower_weights
         self._fp16_warned = False
 
     def int8_choice(self) -> Int8Choice:
@@ -242,7 +245,10 @@ class OrtBackend:
                           Blip2Warning, stacklevel=2)
         files = files or BundleFiles(bundle)
         found = self.engine_for(record)
-        lower = bool(found and found[1].lower_at_load)  # the runtime makes the quantized layers MatMulNBits
+        # the runtime makes the quantized layers MatMulNBits: an engine's that says so, or (lower_weights)
+        # a portable graph's weight-only ones
+        lower = bool(found and found[1].lower_at_load) or (self.lower_weights and not found
+                                                           and record.transform_spec.ort_engine == "weights")
         fuse4 = record.transform_spec.int4_weights and not lower  # else ORT fuses the int4 layers itself
         if fuse4 and _version(self.ort.__version__) < MIN_ORT_INT4:
             raise Blip2Error(f"the portable int4 graphs need ONNX Runtime {'.'.join(map(str, MIN_ORT_INT4))} or "
