@@ -28,7 +28,6 @@ onnx + numpy only (no torch).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from engines.int8 import float_outputs_nodes, quantize_per_channel
-from engines.onnx_utils import ensure_node_names, gemm_as_matmul, load_model, toposort
+from engines.onnx_utils import cpu_session, ensure_node_names, gemm_as_matmul, toposort
+from engines.tensor_store import LinkedFolder, load_lazy, point_at_links, tensor_array
 from runtime.backends.nbits import pack_int4
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
@@ -178,28 +178,25 @@ class InputHessians:
         self.order = list(dict.fromkeys(inputs))  # (tensor, K), first use order
         self.held: dict[str, np.ndarray] = {}
         self.passes = 0
-        self._work: tempfile.TemporaryDirectory | None = None
+        self._work: LinkedFolder | None = None
         self._sess = None
 
     def _session(self):
         if self._sess is None:
             import onnx
-            import onnxruntime as ort
 
-            model = load_model(self.src)
+            # the fp32 graph, read without its weights, with the layers' inputs as outputs, saved in a
+            # folder of links to its weight files: ONNX Runtime reads them by path (held once)
+            model = load_lazy(self.src)
             have = {o.name for o in model.graph.output}
             for n, _ in self.order:
                 if n not in have:
                     model.graph.output.append(onnx.ValueInfoProto(name=n))
-            self._work = tempfile.TemporaryDirectory(prefix=".int4-calib-")
-            path = Path(self._work.name) / "calib.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location="calib.onnx.data", size_threshold=1024)
+            self._work = LinkedFolder(self.src)
+            path = self._work.__enter__() / "calib.onnx"
+            onnx.save_model(point_at_links(model), str(path))
             del model
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as exported
-            so.log_severity_level = 3
-            self._sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self._sess = cpu_session(path, level="none")  # the tensors as exported
         return self._sess
 
     def get(self, name: str) -> np.ndarray | None:
@@ -232,7 +229,7 @@ class InputHessians:
     def _release(self) -> None:
         self._sess = None
         if self._work is not None:
-            self._work.cleanup()
+            self._work.__exit__(None, None, None)
             self._work = None
 
     def close(self) -> None:
@@ -263,7 +260,7 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
         raise Blip2Error(f"--int4-lm-head {lm_head!r} is not one of {', '.join(LM_HEAD)}")
     if method == "gptq" and not feeds:
         raise Blip2Error(f"int4 gptq needs calibration inputs for graph {graph!r}", hint="check --calib-images")
-    model = load_model(src)
+    model = load_lazy(src)  # weights stay on disk: each is read, quantized and dropped in turn
     ensure_node_names(model)
     head = logits_node(model, io)
     layers = linear_layers(model)
@@ -280,7 +277,7 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
     for node, w, trans_b in layers:
         if w in done:
             continue
-        arr = numpy_helper.to_array(inits[w]).astype(np.float32)
+        arr = tensor_array(inits[w]).astype(np.float32, copy=False)
         w_nk = arr if trans_b else arr.T
         k = w_nk.shape[1]
         as_ = lm_head if node.name == head else "int4"

@@ -23,15 +23,14 @@ IO stays float32 (the contract's default dtype).
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
-from engines.onnx_utils import ensure_node_names, gemm_as_matmul, producer_through, toposort
-from engines.tensor_store import load_lazy, tensor_array
+from engines.onnx_utils import cpu_session, ensure_node_names, gemm_as_matmul, producer_through, toposort
+from engines.tensor_store import LinkedFolder, load_lazy, point_at_links, tensor_array
 from runtime.contract import GraphIO, GraphName
 from runtime.errors import Blip2Error
 
@@ -160,7 +159,7 @@ def quantize_static_graph(src: str | Path, graph: str, io: GraphIO, feeds: list[
         from tqdm import tqdm
 
         bar = tqdm(total=len(feeds) * observer.passes, desc=f"calibrate {graph}", unit="sample")
-    with _WorkDir(src) as work:
+    with LinkedFolder(src) as work:
         try:
             reference = observe_ranges(work, model, sorted({la.x for la in layers}), feeds, io, observer, sample, bar)
         finally:
@@ -198,67 +197,6 @@ def quantize_static_graph(src: str | Path, graph: str, io: GraphIO, feeds: list[
     return Int8Result(qmodel, notes)
 
 
-class _WorkDir:
-    """A private folder beside ``src`` for the graphs the static recipe runs (the calibration graph, each
-    fallback step's int8 graph), holding links to ``src``'s weight files: ONNX Runtime reads external
-    data only from the graph's own folder. Removed on exit."""
-
-    def __init__(self, src: Path):
-        self.src = src
-
-    def __enter__(self) -> Path:
-        import os
-        import shutil
-
-        from engines.tensor_store import external_info, is_external
-
-        self.path = Path(tempfile.mkdtemp(prefix=".int8-", dir=self.src.parent))
-        try:
-            for loc in {external_info(t)["location"] for t in load_lazy(self.src).graph.initializer
-                        if is_external(t)}:
-                dst = self.path / Path(loc).name
-                if dst.exists():
-                    continue
-                try:
-                    os.link(loc, dst)
-                except OSError:  # a file system without hard links: a copy (disk, not memory)
-                    shutil.copyfile(loc, dst)
-        except BaseException:
-            shutil.rmtree(self.path, ignore_errors=True)
-            raise
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        import shutil
-
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _relative(model, folder: Path):
-    """``model`` (read by ``load_lazy``: absolute external paths) with each external path made the plain
-    name of the file, which :class:`_WorkDir` linked into ``folder``."""
-    from engines.tensor_store import is_external
-
-    for t in model.graph.initializer:
-        if is_external(t):
-            for e in t.external_data:
-                if e.key == "location" and not e.value.startswith(str(folder)):
-                    e.value = Path(e.value).name
-    return model
-
-
-def _session(path: Path, *, optimize: bool = True):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    # one copy of the weights: no repacked second copy for the fast GEMM kernels
-    so.add_session_config_entry("session.disable_prepacking", "1")
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def observe_ranges(work: Path, model, tensors: list[str], feeds: list[dict[str, np.ndarray]], io: GraphIO,
                    observer, sample: list[dict[str, np.ndarray]], bar=None) -> list[list[np.ndarray]]:
     """Run the fp32 graph (``model``, read lazily) on every feed, ``observer.passes`` times, handing the
@@ -269,7 +207,7 @@ def observe_ranges(work: Path, model, tensors: list[str], feeds: list[dict[str, 
 
     calib = onnx.ModelProto()
     calib.CopyFrom(model)
-    _relative(calib, work)
+    point_at_links(calib)
     outputs = {o.name for o in calib.graph.output}
     for name in tensors:
         if name not in outputs:
@@ -277,7 +215,7 @@ def observe_ranges(work: Path, model, tensors: list[str], feeds: list[dict[str, 
     path = work / "calibrate.onnx"
     onnx.save_model(calib, str(path))
     del calib
-    sess = _session(path, optimize=False)
+    sess = cpu_session(path, level="basic")
     inputs = io.input_names()
     floats = [o.name for o in sess.get_outputs() if o.type == "tensor(float)" and o.name in outputs]
     names = list(tensors)
@@ -413,7 +351,7 @@ def linear_blocks(model, nodes: list[str]) -> list[list[str]]:
 
 def graph_outputs(path: Path, feeds: list[dict[str, np.ndarray]], io: GraphIO) -> list[list[np.ndarray]]:
     """The float outputs of the graph at ``path`` for each of ``feeds`` (CPU, ONNX Runtime)."""
-    sess = _session(path)
+    sess = cpu_session(path)
     names = [o.name for o in sess.get_outputs() if o.type == "tensor(float)"]
     inputs = io.input_names()
     return [sess.run(names, {n: _feed_value(f[n]) for n in inputs}) for f in feeds]

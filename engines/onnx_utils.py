@@ -125,3 +125,18 @@ def gemm_as_matmul(node, w: str, nodes, new_nodes: list) -> bool:
         node.output[0] = out + "__nobias"
         new_nodes.append(helper.make_node("Add", [node.output[0], bias], [out], name=node.name + "__bias"))
     return True
+
+
+def cpu_session(path: str | Path, *, level: str = "all"):
+    """An ONNX Runtime CPU session of the graph at ``path`` for the build's own runs (calibration,
+    checks): quiet, and with one copy of the weights (no repacked second copy for the GEMM kernels).
+    ``level``: graph optimizations, "all", "basic" or "none" (the tensors as exported)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -299,3 +299,53 @@ def new_writer(path: str | Path) -> DataWriter:
     """A data writer for the graph that :func:`save_streaming` will write at ``path``."""
     path = Path(path)
     return DataWriter(path.parent / f".{path.name}.data.tmp", path.name + ".data")
+
+
+class LinkedFolder:
+    """A private folder beside the graph ``src`` holding links to its external data files, for graphs
+    derived from it that ONNX Runtime must run (it reads external data only from the graph's own folder,
+    by relative path: see :func:`point_at_links`). Hard links where the file system has them, else
+    copies (disk, not memory). Removed on exit::
+
+        with LinkedFolder(src) as work:
+            onnx.save_model(point_at_links(derived), str(work / "g.onnx"))
+    """
+
+    def __init__(self, src: str | Path):
+        self.src = Path(src)
+
+    def __enter__(self) -> Path:
+        import shutil
+        import tempfile
+
+        self.path = Path(tempfile.mkdtemp(prefix=".work-", dir=self.src.parent))
+        try:
+            for loc in {external_info(t)["location"] for t in load_lazy(self.src).graph.initializer
+                        if is_external(t)}:
+                dst = self.path / Path(loc).name
+                if dst.exists():
+                    continue
+                try:
+                    os.link(loc, dst)
+                except OSError:
+                    shutil.copyfile(loc, dst)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def point_at_links(model):
+    """``model`` (read by :func:`load_lazy`: absolute external paths) with each external path made the
+    plain name of its file: what a graph saved in a :class:`LinkedFolder` of the same source reads."""
+    for t in _all_tensors(model):
+        if is_external(t):
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = Path(e.value).name
+    return model
