@@ -129,7 +129,7 @@ def test_int8_build_peak_rss_stays_below_the_checkpoint_size(published_checkpoin
     """#13's int8 build: the calibrated graphs are quantized by a streaming Q/DQ writer (ONNX Runtime's
     quantize_static held the fp32 graph several times), the calibration's LLM side runs the int8 decoder
     the build has just made (not the fp32 one), and freed memory goes back between steps. Before, this
-    build peaked at 2.2x the checkpoint; now 0.67x (the full-size table is in docs/real-models.md)."""
+    build peaked at 2.1x the checkpoint; now 0.64x (the full-size table is in docs/real-models.md)."""
     from bundle_tools import write_calibration_images
 
     out = tmp_path / "bundle"
