@@ -150,13 +150,13 @@ def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
         rt.release_graph(name)
     if not llm_side.run:
         return cal
-    llm = [g for g in rt.manifest.required_graphs() if g not in vision]
-    for name in llm:
+    llm_graphs = [g for g in rt.manifest.required_graphs() if g not in vision]
+    for name in llm_graphs:
         if name.value in llm_side.graphs:
             rt.use_graph(name, *llm_side.graphs[name.value])
-    record(llm)
+    record(llm_graphs)
     # Both LLM families generate (the T5 encoder, cross K/V and decoder feeds are what int4's GPTQ needs).
-    if GraphName.DECODER in llm or GraphName.SEQ2SEQ_DECODER in llm:
+    if GraphName.DECODER in llm_graphs or GraphName.SEQ2SEQ_DECODER in llm_graphs:
         for prefix in prefixes:
             for p in prompts:
                 rt.generate(prompts=[p], prefix=prefix, max_new_tokens=decode_steps, min_new_tokens=decode_steps)
