@@ -28,8 +28,9 @@ from engines.engine_builders import ENGINE_BUILDERS, EngineJob, auto_builder
 from engines.fp16 import FP32_GRAPHS, convert_fp16
 from engines.int4 import BLOCK_SIZES, LM_HEAD, quantize_int4
 from engines.int8 import LLM_GRAPHS, CalibMethod, Recipe, quantize_static_graph, quantize_weights
-from engines.onnx_utils import fresh_name, save_model_atomic
+from engines.onnx_utils import EXTERNAL_DATA_THRESHOLD, fresh_name
 from engines.ort_optimize import INT8_MODES
+from engines.tensor_store import DataWriter, load_lazy, new_writer, save_streaming, weight_bytes
 from runtime.bundle_files import BundleFiles
 from runtime.contract import Family, GraphName
 from runtime.errors import Blip2Error, BundleError
@@ -374,11 +375,25 @@ class TransformJob:
     manifest: Manifest
     config: BuildConfig
     calib: CalibrationSet | None
+    dst: Path | None = None  # where the graph will be written
+    spilled: list = field(default_factory=list)  # the DataWriter of ``dst``, once a transform asked for it
+
+    def writer(self) -> DataWriter | None:
+        """The data file of ``dst``, for a transform that writes its large tensors as it makes them (so
+        they are never all in memory); None without a ``dst``."""
+        if self.dst is None:
+            return None
+        if not self.spilled:
+            self.spilled.append(new_writer(self.dst))
+        return self.spilled[0]
 
 
 def _fp16(job: TransformJob) -> tuple[object, dict]:
 
-    r16 = convert_fp16(job.src, job.name, job.io, job.manifest.model.llm_type)  # type: ignore[arg-type]
+    # fp16 halves the bytes: a graph that stays under the external-data threshold keeps its weights inline
+    big = weight_bytes(load_lazy(job.src)) > 2 * EXTERNAL_DATA_THRESHOLD
+    r16 = convert_fp16(job.src, job.name, job.io, job.manifest.model.llm_type,  # type: ignore[arg-type]
+                       writer=job.writer() if big else None)
     return r16.model, r16.notes(job.name in FP32_GRAPHS)
 
 
@@ -442,10 +457,12 @@ def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfi
             src = manifest.graphs["fp32"][name]
             io = io_for(manifest, name, prec)
             t = plan[name]
-            model, notes = TRANSFORM_FUNCS[t.name](TransformJob(bundle / src.file, name, io, manifest, config, calib))
             file = fresh_name(taken, f"{name}.{prec}", ".onnx")
-            ext = save_model_atomic(model, stage / file)
-            del model
+            job = TransformJob(bundle / src.file, name, io, manifest, config, calib, dst=stage / file)
+            model, notes = TRANSFORM_FUNCS[t.name](job)
+            ext = save_streaming(model, stage / file, external_threshold=EXTERNAL_DATA_THRESHOLD,
+                                 writer=job.spilled[0] if job.spilled else None)
+            del model, job
             release_memory()
             rec = file_record(stage, file)
             out[name] = GraphRecord(name=name, file=file, sha256=rec.sha256, io=io, precision=prec,

@@ -27,10 +27,10 @@ import numpy as np
 
 from engines.onnx_utils import (
     ensure_node_names,
-    load_model,
     producer_through,
     toposort,
 )
+from engines.tensor_store import load_lazy
 from runtime.contract import GraphIO, GraphName
 from runtime.errors import Blip2Error
 
@@ -86,21 +86,29 @@ def fp32_islands(model, graph: str, io: GraphIO, llm_type: str = "") -> list[str
     return sorted(set(keep))
 
 
-def convert_fp16(src: str | Path, graph: str, io: GraphIO, llm_type: str = "") -> Fp16Result:
-    """Convert the fp32 ONNX file ``src`` of graph ``graph`` to fp16; ``io`` is the contract's fp16 IO."""
+def convert_fp16(src: str | Path, graph: str, io: GraphIO, llm_type: str = "", writer=None) -> Fp16Result:
+    """Convert the fp32 ONNX file ``src`` of graph ``graph`` to fp16; ``io`` is the contract's fp16 IO.
+
+    The weights never pass through the converter (#13): the graph is read without them
+    (:func:`engines.tensor_store.load_lazy`), each large float initializer stands in as a graph input of
+    its name, type and shape while ONNX Runtime's converter retypes the graph (it makes them float16 and
+    puts a Cast to float32 in front of every fp32 island that reads one), then each weight is read,
+    rounded to float16 the way the converter rounds and written to ``writer`` (a
+    :class:`engines.tensor_store.DataWriter`; held in memory without one), one at a time."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = load_model(src)
+    model = load_lazy(src)
     ensure_node_names(model)
     keep = fp32_islands(model, graph, io, llm_type)
     fp32_io = [t.name for t in (*io.inputs, *io.outputs) if t.dtype == "float32"]
     op_types = {n.name: n.op_type for n in model.graph.node}
-    # Shape inference needs the file path for graphs over 2 GiB; the converter handles both.
+    held = _weights_as_inputs(model)
     model = convert_float_to_float16(
         model, keep_io_types=fp32_io, op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(_UNSAFE_OPS)),
         node_block_list=keep, disable_shape_infer=False,
     )
-    stored = store_weights_fp16(model)
+    stored = _weights_back(model, held, writer)
+    stored += store_weights_fp16(model)  # any large float32 weight left (none, with the weights held out)
     toposort(model)
     _check_io(model, io)
     counts: dict[str, int] = {}
@@ -109,6 +117,68 @@ def convert_fp16(src: str | Path, graph: str, io: GraphIO, llm_type: str = "") -
     islands = [n for n in keep if op_types[n] not in FP32_OPS]
     return Fp16Result(model, fp32_nodes=islands if graph not in FP32_GRAPHS else [], fp32_ops=counts,
                       fp16_stored_fp32_weights=stored)
+
+
+def _weights_as_inputs(model, min_elements: int = STORE_FP16_MIN_ELEMENTS) -> dict:
+    """Take every float initializer of at least ``min_elements`` out of ``model`` and declare a graph input
+    of its name, type and shape instead; return them by name. Smaller external ones are read in (the
+    converter retypes what it holds, so none of them may stay a reference to float32 bytes)."""
+    from onnx import TensorProto, helper
+
+    from engines.tensor_store import is_external, read_external_bytes
+
+    held, kept = {}, []
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        if t.data_type == TensorProto.FLOAT and n >= min_elements:
+            held[t.name] = t
+            model.graph.input.append(helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)))
+            continue
+        if is_external(t):
+            t.raw_data = read_external_bytes(t)
+            t.data_location = TensorProto.DEFAULT
+            del t.external_data[:]
+        kept.append(t)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return held
+
+
+def _weights_back(model, held: dict, writer=None) -> int:
+    """Make the stand-in inputs of :func:`_weights_as_inputs` initializers again, in the type the converter
+    gave them (float16, rounded as it rounds; float32 where it left one), reading and writing one weight
+    at a time. Returns how many are read through a Cast to float32 (stored fp16 for an fp32 island)."""
+    from onnx import TensorProto
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    from engines.tensor_store import make_tensor, tensor_array
+
+    inputs = {v.name: v for v in model.graph.input}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+
+    def upcast(node) -> bool:
+        return node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute)
+
+    new, count = [], 0
+    for name, t in held.items():
+        v = inputs[name]
+        model.graph.input.remove(v)
+        arr = tensor_array(t).astype(np.float32, copy=False)
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            users = readers.get(name, [])
+            if users and all(upcast(u) for u in users):  # only fp32 islands read it: stored fp16, as
+                arr = np.clip(arr, -65504, 65504).astype(np.float16)  # store_weights_fp16 stores
+                count += 1
+            else:
+                arr = convert_np_to_float16(arr)  # fp16 compute reads it: the converter's rounding
+                count += any(upcast(u) for u in users)
+        new.append(make_tensor(np.ascontiguousarray(arr), name, writer))
+        del arr
+    model.graph.initializer.extend(new)
+    return count
 
 
 def store_weights_fp16(model, min_elements: int = STORE_FP16_MIN_ELEMENTS) -> int:

@@ -282,7 +282,7 @@ def test_crash_while_writing_graphs_leaves_bundle_untouched(bundle_copy, monkeyp
     import engines.build as eb
 
     calls = []
-    real = eb.save_model_atomic  # how build writes each transformed graph
+    real = eb.save_streaming  # how build writes each transformed graph
 
     def flaky(model, path, **kw):
         calls.append(path)
@@ -290,7 +290,7 @@ def test_crash_while_writing_graphs_leaves_bundle_untouched(bundle_copy, monkeyp
             raise KeyboardInterrupt
         return real(model, path, **kw)
 
-    monkeypatch.setattr(eb, "save_model_atomic", flaky)
+    monkeypatch.setattr(eb, "save_streaming", flaky)
     before = {p.name: p.read_bytes() for p in bundle_copy.iterdir()}
     with pytest.raises(KeyboardInterrupt):
         build_bundle(bundle_copy, BuildConfig(precision="fp16", backend="ort"), progress=False)
