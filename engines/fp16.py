@@ -108,7 +108,6 @@ def convert_fp16(src: str | Path, graph: str, io: GraphIO, llm_type: str = "", w
         node_block_list=keep, disable_shape_infer=False,
     )
     stored = _weights_back(model, held, writer)
-    stored += store_weights_fp16(model)  # any large float32 weight left (none, with the weights held out)
     toposort(model)
     _check_io(model, io)
     counts: dict[str, int] = {}
@@ -146,8 +145,13 @@ def _weights_as_inputs(model, min_elements: int = STORE_FP16_MIN_ELEMENTS) -> di
 
 def _weights_back(model, held: dict, writer=None) -> int:
     """Make the stand-in inputs of :func:`_weights_as_inputs` initializers again, in the type the converter
-    gave them (float16, rounded as it rounds; float32 where it left one), reading and writing one weight
-    at a time. Returns how many are read through a Cast to float32 (stored fp16 for an fp32 island)."""
+    gave them (float16; float32 where it left one), reading and writing one weight at a time. Returns how
+    many are read through a Cast to float32.
+
+    A weight that only fp32 islands read is still stored float16 (clipped to its range) behind the Cast
+    the converter put there: the islands compute in fp32 on weights rounded to fp16, as transformers
+    does when it loads an fp16 checkpoint into a module kept in fp32, and the file holds half the bytes.
+    A weight that fp16 compute reads is rounded as the converter rounds."""
     from onnx import TensorProto
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
@@ -169,8 +173,8 @@ def _weights_back(model, held: dict, writer=None) -> int:
         arr = tensor_array(t).astype(np.float32, copy=False)
         if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
             users = readers.get(name, [])
-            if users and all(upcast(u) for u in users):  # only fp32 islands read it: stored fp16, as
-                arr = np.clip(arr, -65504, 65504).astype(np.float16)  # store_weights_fp16 stores
+            if users and all(upcast(u) for u in users):  # only fp32 islands read it
+                arr = np.clip(arr, -65504, 65504).astype(np.float16)
                 count += 1
             else:
                 arr = convert_np_to_float16(arr)  # fp16 compute reads it: the converter's rounding
@@ -178,37 +182,6 @@ def _weights_back(model, held: dict, writer=None) -> int:
         new.append(make_tensor(np.ascontiguousarray(arr), name, writer))
         del arr
     model.graph.initializer.extend(new)
-    return count
-
-
-def store_weights_fp16(model, min_elements: int = STORE_FP16_MIN_ELEMENTS) -> int:
-    """Store large float32 initializers as float16 followed by a Cast back to float32.
-
-    The fp32 islands keep computing in fp32 (on weights rounded to fp16, as transformers does when it
-    loads an fp16 checkpoint into a module kept in fp32), while the file holds half the bytes.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    casts = []
-    count = 0
-    keep = []
-    for init in graph.initializer:
-        n = int(np.prod(init.dims)) if init.dims else 1
-        if init.data_type != TensorProto.FLOAT or n < min_elements:
-            keep.append(init)
-            continue
-        arr = numpy_helper.to_array(init)
-        half = numpy_helper.from_array(np.clip(arr, -65504, 65504).astype(np.float16), init.name + "__fp16")
-        keep.append(half)
-        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
-                                      name=init.name + "__upcast"))
-        count += 1
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(casts + nodes)
     return count
 
 
