@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from engines.int8 import float_outputs_nodes, quantize_per_channel
-from engines.onnx_utils import cpu_session, ensure_node_names, gemm_as_matmul, toposort
-from engines.tensor_store import LinkedFolder, load_lazy, point_at_links, tensor_array
+from engines.int8 import linear_layers as int8_linear_layers
+from engines.onnx_utils import ensure_node_names, gemm_as_matmul, probe_session, toposort
+from engines.tensor_store import LinkedFolder, load_lazy, tensor_array
 from runtime.backends.nbits import pack_int4
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
@@ -141,24 +142,12 @@ def int4_tensor(name: str, values: np.ndarray):
 
 # -- calibration: the inputs each linear layer sees ----------------------------------------------------
 def linear_layers(model, exclude: tuple[str, ...] = ()) -> list[tuple[Any, str, bool]]:
-    """(node, weight initializer name, trans_b) of every MatMul/Gemm with a constant 2-D float32 weight."""
-    from onnx import TensorProto
-
+    """(node, weight initializer name, trans_b) of every MatMul/Gemm with a constant 2-D float32 weight:
+    :func:`engines.int8.linear_layers` without the Convs."""
+    nodes = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
-    out = []
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or node.name in exclude or len(node.input) < 2:
-            continue
-        w = node.input[1]
-        if w not in inits or inits[w].data_type != TensorProto.FLOAT or len(inits[w].dims) != 2:
-            continue
-        if node.op_type == "Gemm":
-            attrs = {a.name: a for a in node.attribute}
-            if "transA" in attrs and attrs["transA"].i:
-                continue
-        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-        out.append((node, w, trans_b))
-    return out
+    return [(nodes[la.node], la.weight, la.op == "Gemm" and la.axis == 0) for la in int8_linear_layers(model, exclude)
+            if la.op != "Conv" and len(inits[la.weight].dims) == 2]
 
 
 HESSIAN_BUDGET = 1 << 30  # bytes of X^T X held at once (float64); more layers -> more passes over the feeds
@@ -183,20 +172,12 @@ class InputHessians:
 
     def _session(self):
         if self._sess is None:
-            import onnx
-
-            # the fp32 graph, read without its weights, with the layers' inputs as outputs, saved in a
+            # the fp32 graph, read without its weights, with the layers' inputs as outputs, run from a
             # folder of links to its weight files: ONNX Runtime reads them by path (held once)
-            model = load_lazy(self.src)
-            have = {o.name for o in model.graph.output}
-            for n, _ in self.order:
-                if n not in have:
-                    model.graph.output.append(onnx.ValueInfoProto(name=n))
             self._work = LinkedFolder(self.src)
-            path = self._work.__enter__() / "calib.onnx"
-            onnx.save_model(point_at_links(model), str(path))
-            del model
-            self._sess = cpu_session(path, level="none")  # the tensors as exported
+            folder = self._work.__enter__()
+            self._sess = probe_session(load_lazy(self.src), [n for n, _ in self.order], folder,
+                                       level="none")  # the tensors as exported
         return self._sess
 
     def get(self, name: str) -> np.ndarray | None:

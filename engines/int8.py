@@ -29,8 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.onnx_utils import cpu_session, ensure_node_names, gemm_as_matmul, producer_through, toposort
-from engines.tensor_store import LinkedFolder, load_lazy, point_at_links, tensor_array
+from engines.onnx_utils import (
+    cpu_session,
+    ensure_node_names,
+    gemm_as_matmul,
+    probe_session,
+    producer_through,
+    toposort,
+)
+from engines.tensor_store import LinkedFolder, load_lazy, tensor_array
 from runtime.contract import GraphIO, GraphName
 from runtime.errors import Blip2Error
 
@@ -202,20 +209,8 @@ def observe_ranges(work: Path, model, tensors: list[str], feeds: list[dict[str, 
     """Run the fp32 graph (``model``, read lazily) on every feed, ``observer.passes`` times, handing the
     values of ``tensors`` to ``observer``; return the graph's float outputs on ``sample`` (the fallback's
     reference), taken in the first pass."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    calib = onnx.ModelProto()
-    calib.CopyFrom(model)
-    point_at_links(calib)
-    outputs = {o.name for o in calib.graph.output}
-    for name in tensors:
-        if name not in outputs:
-            calib.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    path = work / "calibrate.onnx"
-    onnx.save_model(calib, str(path))
-    del calib
-    sess = cpu_session(path, level="basic")
+    outputs = {o.name for o in model.graph.output}
+    sess = probe_session(model, tensors, work, level="basic")
     inputs = io.input_names()
     floats = [o.name for o in sess.get_outputs() if o.type == "tensor(float)" and o.name in outputs]
     names = list(tensors)

@@ -140,3 +140,24 @@ def cpu_session(path: str | Path, *, level: str = "all"):
                                    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def probe_session(model, tensors, folder: str | Path, *, level: str = "all"):
+    """A :func:`cpu_session` of ``model`` (read by ``load_lazy``) with ``tensors`` added to its outputs,
+    saved in ``folder``: a :class:`engines.tensor_store.LinkedFolder` of the graph it was read from, so
+    ONNX Runtime reads the weights by path, once. ``model`` itself is not changed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from engines.tensor_store import point_at_links
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in have:
+            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    path = Path(folder) / "probe.onnx"
+    onnx.save_model(point_at_links(probe), str(path))
+    del probe
+    return cpu_session(path, level=level)
