@@ -418,8 +418,9 @@ def _int4(method: str) -> Callable[[TransformJob], tuple[object, dict]]:
     def run(job: TransformJob) -> tuple[object, dict]:
 
         feeds = job.calib.feeds.get(job.name, []) if job.calib is not None else None
+        stats = job.calib.ran.get(job.name) if job.calib is not None else None  # what the calibration ran
         r4 = quantize_int4(job.src, job.name, job.io, block=job.config.int4_block, method=method,  # type: ignore[arg-type]
-                           lm_head=job.config.int4_lm_head, feeds=feeds)
+                           lm_head=job.config.int4_lm_head, feeds=feeds, stats_graph=stats)
         return r4.model, r4.notes
 
     return run
@@ -478,15 +479,42 @@ def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfi
 
         images = list_calibration_images(config.calib_images, config.calib_limit)  # type: ignore[arg-type]
         prompts = read_prompts(config.calib_prompts)
-        llm = _llm_side(names, plan, config, stage, out)
+        helpers = _stats_graphs(bundle, stage, manifest, plan, taken)
+        llm = _llm_side(names, plan, config, stage, {**out, **helpers})
         say(f"calibrating on {len(images)} images x {len(prompts)} prompts ({config.calib_method}) "
             f"for {', '.join(f'{n} ({plan[n].name})' for n in calibrated)}"
             + ("" if not llm.run or not llm.graphs else
-               f"; the LLM runs as built ({', '.join(f'{n} {out[n].transform}' for n in llm.graphs)})"))
+               f"; the LLM runs as {', '.join(f'{n} {r.transform}' for n, (_, r) in llm.graphs.items())}"))
         calib = collect(bundle, images, prompts, progress=progress, llm=llm)
         release_memory()  # the runtime that calibrated is gone: its memory too, before the next step
         run(calibrated)
+        for rec in helpers.values():  # made for the calibration only: not part of the build
+            for f in (rec.file, *(e.file for e in rec.external_data)):
+                (stage / f).unlink(missing_ok=True)
     return {n: out[n] for n in names}, calib
+
+
+def _stats_graphs(bundle: Path, stage: Path, manifest: Manifest, plan: dict[str, Transform],
+                  taken: set[str]) -> dict[str, GraphRecord]:
+    """For the LLM graphs whose weight-only transform is fitted to calibration statistics (int4 GPTQ),
+    their weight-only int8 builds, written into ``stage`` under hidden names: the calibration runs them
+    (and GPTQ takes its layer inputs from them) instead of the fp32 graphs, at a quarter of the fp32
+    weights' memory (#13). Removed by the caller once the transforms are done."""
+    out: dict[str, GraphRecord] = {}
+    for name, t in plan.items():
+        if name not in LLM_GRAPHS or not (t.calibrated and t.ort_engine == "weights"):
+            continue
+        src = manifest.graphs["fp32"][name]
+        io = io_for(manifest, name, "int8")
+        r8 = quantize_weights(bundle / src.file, name, io)
+        file = fresh_name(taken | {f.name for f in stage.iterdir()}, f".stats.{name}.int8", ".onnx")
+        ext = save_streaming(r8.model, stage / file, external_threshold=EXTERNAL_DATA_THRESHOLD)
+        del r8
+        rec = file_record(stage, file)
+        out[name] = GraphRecord(name=name, file=file, sha256=rec.sha256, io=io, precision="int8",
+                                external_data=tuple(file_record(stage, e) for e in ext), transform="int8-weight")
+        release_memory()
+    return out
 
 
 def release_memory() -> None:
@@ -505,11 +533,15 @@ def release_memory() -> None:
 
 def _llm_side(names: list[str], plan: dict[str, Transform], config: BuildConfig, stage: Path,
               built: dict[str, GraphRecord]) -> LlmSide:
-    """What the calibration runs on the LLM side: the fp32 LLM where an LLM graph is calibrated; else,
-    where the ORT decoder engine will keep an int8 KV cache (it needs the cache's scales), the decoder
-    this build has just made; else nothing."""
+    """What the calibration runs on the LLM side: where an LLM graph is calibrated, the fp32 LLM, or (int4
+    GPTQ) its weight-only int8 builds; else, where the ORT decoder engine will keep an int8 KV cache (it
+    needs the cache's scales), the decoder this build has just made; else nothing."""
     llm = [n for n in names if n in LLM_GRAPHS]
     if any(plan[n].calibrated for n in llm):
+        # weight-only transforms fitted to statistics (int4 GPTQ) calibrate on the weight-only int8 builds
+        # :func:`_stats_graphs` made; calibrated activations (static int8) on the fp32 LLM
+        if all(plan[n].ort_engine == "weights" and n in built for n in llm):
+            return LlmSide(graphs={n: (stage, built[n]) for n in llm})
         return LlmSide()
     decoder = GraphName.DECODER.value
     if decoder in built and config.ort_kv_cache == "int8" and config.resolved_backend() == "ort":

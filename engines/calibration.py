@@ -69,6 +69,8 @@ class CalibrationSet:
     feeds: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
     # decoder: past.{i}.{key,value} -> [heads, head_dim] largest |value| cached over every call
     kv_peak: dict[str, np.ndarray] = field(default_factory=dict)
+    # graph name -> the graph file that ran instead of the fp32 one (``LlmSide.graphs``)
+    ran: dict[str, Path] = field(default_factory=dict)
 
     def count(self, graph: str) -> int:
         return len(self.feeds.get(graph, []))
@@ -153,7 +155,9 @@ def collect(bundle: str | Path, images: list[Path], prompts: tuple[str, ...], *,
     llm_graphs = [g for g in rt.manifest.required_graphs() if g not in vision]
     for name in llm_graphs:
         if name.value in llm_side.graphs:
-            rt.use_graph(name, *llm_side.graphs[name.value])
+            folder, rec = llm_side.graphs[name.value]
+            rt.use_graph(name, folder, rec)
+            cal.ran[name.value] = Path(folder) / rec.file
     record(llm_graphs)
     # Both LLM families generate (the T5 encoder, cross K/V and decoder feeds are what int4's GPTQ needs).
     if GraphName.DECODER in llm_graphs or GraphName.SEQ2SEQ_DECODER in llm_graphs:

@@ -37,8 +37,8 @@ import numpy as np
 from engines.int8 import float_outputs_nodes, quantize_per_channel
 from engines.int8 import linear_layers as int8_linear_layers
 from engines.onnx_utils import ensure_node_names, gemm_as_matmul, probe_session, toposort
-from engines.tensor_store import LinkedFolder, load_lazy, tensor_array
-from runtime.backends.nbits import pack_int4
+from engines.tensor_store import DataWriter, LinkedFolder, load_lazy, make_tensor, tensor_array
+from runtime.backends.nbits import lower_layers, pack_int4, quantized_layers
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
 
@@ -163,6 +163,8 @@ class InputHessians:
 
     def __init__(self, src: str | Path, feeds: list[dict[str, np.ndarray]], inputs: list[tuple[str, int]],
                  budget: int = HESSIAN_BUDGET):
+        # src: the fp32 graph, or a weight-only int8 build of it (its layers run as MatMulNBits: the
+        # layers' inputs at a quarter of the fp32 weights' memory)
         self.src, self.feeds, self.budget = Path(src), feeds, budget
         self.order = list(dict.fromkeys(inputs))  # (tensor, K), first use order
         self.held: dict[str, np.ndarray] = {}
@@ -172,11 +174,14 @@ class InputHessians:
 
     def _session(self):
         if self._sess is None:
-            # the fp32 graph, read without its weights, with the layers' inputs as outputs, run from a
-            # folder of links to its weight files: ONNX Runtime reads them by path (held once)
+            # the graph, read without its weights, with the layers' inputs as outputs, run from a folder
+            # of links to its weight files: ONNX Runtime reads them by path (held once)
             self._work = LinkedFolder(self.src)
             folder = self._work.__enter__()
-            self._sess = probe_session(load_lazy(self.src), [n for n, _ in self.order], folder,
+            model = load_lazy(self.src)
+            if any(quantized_layers(model).values()):
+                _lower_into(model, folder)
+            self._sess = probe_session(model, [n for n, _ in self.order], folder,
                                        level="none")  # the tensors as exported
         return self._sess
 
@@ -218,6 +223,18 @@ class InputHessians:
         self._release()
 
 
+def _lower_into(model, folder: Path) -> None:
+    """Make the weight-only int8/int4 layers of ``model`` (read lazily) MatMulNBits, their new weights
+    written to a data file in ``folder`` one at a time (:func:`runtime.backends.nbits.lower_layers`)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    writer = DataWriter(folder / "lowered.data", "lowered.data")
+    try:
+        lower_layers(model, lambda n: tensor_array(inits[n]) if n in inits else None,
+                     lambda a, n: make_tensor(np.ascontiguousarray(a), n, writer))
+    finally:
+        writer.close()
+
+
 # -- the transform -------------------------------------------------------------------------------------
 def logits_node(model, io: GraphIO) -> str | None:
 
@@ -226,10 +243,13 @@ def logits_node(model, io: GraphIO) -> str | None:
 
 
 def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFAULT_BLOCK, method: str = "gptq",
-                  lm_head: str = "int4", feeds: list[dict[str, np.ndarray]] | None = None) -> Int4Result:
+                  lm_head: str = "int4", feeds: list[dict[str, np.ndarray]] | None = None,
+                  stats_graph: str | Path | None = None) -> Int4Result:
     """Store every constant 2-D weight of a MatMul/Gemm of ``src`` as blockwise int4 (see the module doc).
 
-    ``feeds``: the graph's recorded calibration inputs (``gptq`` needs them)."""
+    ``feeds``: the graph's recorded calibration inputs (``gptq`` needs them). ``stats_graph``: the graph
+    run on them for the layers' inputs (default ``src``); a weight-only int8 build of ``src`` runs within
+    a quarter of the fp32 weights' memory, its layers as MatMulNBits."""
     from onnx import helper, numpy_helper
 
 
@@ -247,7 +267,7 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
     layers = linear_layers(model)
     inits_by_name = {t.name: t for t in model.graph.initializer}
     k_of = {w: int(inits_by_name[w].dims[1 if t else 0]) for _, w, t in layers}  # MatMul [K, N]; Gemm^T [N, K]
-    hess = InputHessians(src, feeds or [], [(n.input[0], k_of[w]) for n, w, _ in layers])
+    hess = InputHessians(stats_graph or src, feeds or [], [(n.input[0], k_of[w]) for n, w, _ in layers])
     inits = {t.name: t for t in model.graph.initializer}
     done: set[str] = set()
     new_nodes, new_inits, drop = [], [], set()

@@ -162,6 +162,8 @@ def test_llm_side_of_each_build(int8_bundle):
     built = side()  # weight-only LLM: calibrated through the int8 decoder, for the KV cache's scales
     assert built.run and list(built.graphs) == ["decoder"] and built.graphs["decoder"][1] is recs["decoder"]
     assert side(llm_int8="static") == LlmSide()  # a calibrated LLM: its ranges come from the fp32 one
+    gptq = side(precision="int4")  # statistics for GPTQ: from the weight-only int8 build the build makes
+    assert list(gptq.graphs) == ["decoder"] and gptq.graphs["decoder"][1].transform == "int8-weight"
     assert side(ort_kv_cache="fp32").run is False  # nothing on the LLM side needs calibration
 
 
@@ -189,3 +191,28 @@ def test_calibration_runs_the_built_decoder_lowered(int8_bundle, calib, monkeypa
     assert any(not np.array_equal(via_int8.kv_peak[k], p) for k, p in via_fp32.kv_peak.items())
     # and the build's engine holds an int8 cache with those scales
     assert m.graph("decoder", "int8").notes["ort_engine"]["kv_dtype"] == "int8"
+
+
+def test_int4_gptq_statistics_come_from_a_weight_only_int8_decoder(int8_bundle, calib, tmp_path, monkeypatch):
+    """An int4 (GPTQ) build calibrates through a weight-only int8 build of the decoder and takes GPTQ's
+    layer inputs from it, lowered to MatMulNBits, never running the fp32 decoder; that helper graph is
+    not part of the bundle afterwards."""
+    import engines.build as eb
+    import engines.int4 as i4
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(int8_bundle, bundle)
+    seen = {}
+    real_collect, real_int4, real_lower = eb.collect, eb.quantize_int4, i4._lower_into
+    monkeypatch.setattr(eb, "collect", lambda *a, **kw: seen.setdefault("llm", kw["llm"]) and real_collect(*a, **kw))
+    monkeypatch.setattr(eb, "quantize_int4",
+                        lambda *a, **kw: seen.setdefault("stats", kw["stats_graph"]) and real_int4(*a, **kw))
+    monkeypatch.setattr(i4, "_lower_into", lambda m, f: seen.setdefault("lowered", True) and real_lower(m, f))
+    build_bundle(bundle, BuildConfig(precision="int4", backend="ort", calib_images=calib), progress=False)
+    llm = seen["llm"]
+    assert list(llm.graphs) == ["decoder"] and llm.graphs["decoder"][1].transform == "int8-weight"
+    assert seen["stats"].name == llm.graphs["decoder"][1].file and seen["lowered"] is True
+    assert not list(bundle.glob(".stats*")) and not list(bundle.glob(".build*"))
+    m = load_manifest(bundle, verify=True)
+    dec = m.graph("decoder", "int4")
+    assert dec.transform == "int4-gptq" and dec.notes["calibration"]["output_error_vs_rtn"] < 1.0
