@@ -378,10 +378,11 @@ class TransformJob:
     dst: Path | None = None  # where the graph will be written
     spilled: list = field(default_factory=list)  # the DataWriter of ``dst``, once a transform asked for it
 
-    def writer(self) -> DataWriter | None:
+    def writer(self, shrink: int) -> DataWriter | None:
         """The data file of ``dst``, for a transform that writes its large tensors as it makes them (so
-        they are never all in memory); None without a ``dst``."""
-        if self.dst is None:
+        they are never all in memory), when its weights (the fp32 ones over ``shrink``) will not fit
+        inline anyway; None otherwise (small graphs keep their weights inline, as before)."""
+        if self.dst is None or weight_bytes(load_lazy(self.src)) <= shrink * EXTERNAL_DATA_THRESHOLD:
             return None
         if not self.spilled:
             self.spilled.append(new_writer(self.dst))
@@ -390,10 +391,8 @@ class TransformJob:
 
 def _fp16(job: TransformJob) -> tuple[object, dict]:
 
-    # fp16 halves the bytes: a graph that stays under the external-data threshold keeps its weights inline
-    big = weight_bytes(load_lazy(job.src)) > 2 * EXTERNAL_DATA_THRESHOLD
     r16 = convert_fp16(job.src, job.name, job.io, job.manifest.model.llm_type,  # type: ignore[arg-type]
-                       writer=job.writer() if big else None)
+                       writer=job.writer(shrink=2))
     return r16.model, r16.notes(job.name in FP32_GRAPHS)
 
 
@@ -420,7 +419,8 @@ def _int4(method: str) -> Callable[[TransformJob], tuple[object, dict]]:
         feeds = job.calib.feeds.get(job.name, []) if job.calib is not None else None
         stats = job.calib.ran.get(job.name) if job.calib is not None else None  # what the calibration ran
         r4 = quantize_int4(job.src, job.name, job.io, block=job.config.int4_block, method=method,  # type: ignore[arg-type]
-                           lm_head=job.config.int4_lm_head, feeds=feeds, stats_graph=stats)
+                           lm_head=job.config.int4_lm_head, feeds=feeds, stats_graph=stats,
+                           writer=job.writer(shrink=8))
         return r4.model, r4.notes
 
     return run

@@ -37,7 +37,7 @@ import numpy as np
 from engines.int8 import float_outputs_nodes, quantize_per_channel
 from engines.int8 import linear_layers as int8_linear_layers
 from engines.onnx_utils import ensure_node_names, gemm_as_matmul, probe_session, toposort
-from engines.tensor_store import DataWriter, LinkedFolder, load_lazy, make_tensor, tensor_array
+from engines.tensor_store import DataWriter, LinkedFolder, load_lazy, make_tensor, spill, tensor_array
 from runtime.backends.nbits import lower_layers, pack_int4, quantized_layers
 from runtime.contract import GraphIO
 from runtime.errors import Blip2Error
@@ -88,14 +88,17 @@ def quantize_gptq(w_nk: np.ndarray, hessian: np.ndarray, block: int, damp: float
 
     Returns (codes int8 [N, K], scales [N, K/block]) in the same format as :func:`quantize_rtn`."""
     n, k = w_nk.shape
-    W = w_nk.astype(np.float64).copy()
-    H = hessian.astype(np.float64).copy()
+    W = np.array(w_nk, dtype=np.float64)  # copies (one each): a K = 10240 H is 0.84 GB in float64
+    H = np.array(hessian, dtype=np.float64)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H[np.diag_indices(k)] += damp * float(np.mean(np.diag(H)))
     try:
-        hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper U with U^T U = H^-1
+        inv = np.linalg.inv(H)
+        del H
+        hinv = np.linalg.cholesky(inv).T  # upper U with U^T U = H^-1
+        del inv
     except np.linalg.LinAlgError:
         return quantize_rtn(w_nk, block)
     q = np.zeros((n, k), np.int8)
@@ -244,12 +247,13 @@ def logits_node(model, io: GraphIO) -> str | None:
 
 def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFAULT_BLOCK, method: str = "gptq",
                   lm_head: str = "int4", feeds: list[dict[str, np.ndarray]] | None = None,
-                  stats_graph: str | Path | None = None) -> Int4Result:
+                  stats_graph: str | Path | None = None, writer=None) -> Int4Result:
     """Store every constant 2-D weight of a MatMul/Gemm of ``src`` as blockwise int4 (see the module doc).
 
     ``feeds``: the graph's recorded calibration inputs (``gptq`` needs them). ``stats_graph``: the graph
     run on them for the layers' inputs (default ``src``); a weight-only int8 build of ``src`` runs within
-    a quarter of the fp32 weights' memory, its layers as MatMulNBits."""
+    a quarter of the fp32 weights' memory, its layers as MatMulNBits. ``writer``: where the new weights
+    go as they are made (:class:`engines.tensor_store.DataWriter`; held in memory without one)."""
     from onnx import helper, numpy_helper
 
 
@@ -293,7 +297,7 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
         if as_ == "int8":
             axis = 0 if trans_b else 1
             q8, scale = quantize_per_channel(arr, axis)
-            new_inits += [numpy_helper.from_array(q8, w + "__int8"), numpy_helper.from_array(scale, w + "__scale"),
+            new_inits += [make_tensor(q8, w + "__int8", writer), numpy_helper.from_array(scale, w + "__scale"),
                           numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), w + "__zero")]
             new_nodes.append(helper.make_node("DequantizeLinear", [w + "__int8", w + "__scale", w + "__zero"], [w],
                                               axis=axis, name=w + "__dequantize"))
@@ -311,8 +315,9 @@ def quantize_int4(src: str | Path, graph: str, io: GraphIO, *, block: int = DEFA
                 trans_b = False  # now MatMul(x, W^T) (+ Add): the pair ONNX Runtime fuses on every version
             # [N, K] codes -> the weight's own layout; blocks run along K (axis 0 of [K, N], axis 1 of [N, K])
             qw, sw, axis = (q, s, 1) if trans_b else (q.T, s.T, 0)
-            new_inits += [int4_tensor(w + "__int4", np.ascontiguousarray(qw)),
-                          numpy_helper.from_array(np.ascontiguousarray(sw, dtype=np.float32), w + "__scale")]
+            codes = int4_tensor(w + "__int4", np.ascontiguousarray(qw))
+            spill(codes, writer)
+            new_inits += [codes, make_tensor(np.ascontiguousarray(sw, dtype=np.float32), w + "__scale", writer)]
             new_nodes.append(helper.make_node("DequantizeLinear", [w + "__int4", w + "__scale"], [w], axis=axis,
                                               block_size=b, name=w + "__dequantize"))
             blocks_used[b] = blocks_used.get(b, 0) + 1
