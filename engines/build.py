@@ -461,14 +461,10 @@ def _transform(bundle: Path, stage: Path, manifest: Manifest, config: BuildConfi
             file = fresh_name(taken, f"{name}.{prec}", ".onnx")
             job = TransformJob(bundle / src.file, name, io, manifest, config, calib, dst=stage / file)
             model, notes = TRANSFORM_FUNCS[t.name](job)
-            ext = save_streaming(model, stage / file, external_threshold=EXTERNAL_DATA_THRESHOLD,
-                                 writer=job.spilled[0] if job.spilled else None)
+            out[name] = _write_graph(model, stage, file, writer=job.spilled[0] if job.spilled else None,
+                                     name=name, io=io, precision=prec, notes=notes, transform=t.name)
             del model, job
             release_memory()
-            rec = file_record(stage, file)
-            out[name] = GraphRecord(name=name, file=file, sha256=rec.sha256, io=io, precision=prec,
-                                    external_data=tuple(file_record(stage, e) for e in ext), notes=notes,
-                                    transform=t.name)
 
     # The graphs that need no calibration first: an int8 build's weight-only LLM is then what its
     # calibration runs (for the KV-cache scales), at a quarter of the fp32 LLM's memory (#13).
@@ -508,13 +504,20 @@ def _stats_graphs(bundle: Path, stage: Path, manifest: Manifest, plan: dict[str,
         io = io_for(manifest, name, "int8")
         r8 = quantize_weights(bundle / src.file, name, io)
         file = fresh_name(taken | {f.name for f in stage.iterdir()}, f".stats.{name}.int8", ".onnx")
-        ext = save_streaming(r8.model, stage / file, external_threshold=EXTERNAL_DATA_THRESHOLD)
+        out[name] = _write_graph(r8.model, stage, file, name=name, io=io, precision="int8", transform="int8-weight")
         del r8
-        rec = file_record(stage, file)
-        out[name] = GraphRecord(name=name, file=file, sha256=rec.sha256, io=io, precision="int8",
-                                external_data=tuple(file_record(stage, e) for e in ext), transform="int8-weight")
         release_memory()
     return out
+
+
+def _write_graph(model, stage: Path, file: str, *, writer: DataWriter | None = None, **fields) -> GraphRecord:
+    """Write ``model`` as ``stage/file`` (its weights streamed to ``file.data``; ``writer``: the data file a
+    transform already wrote into) and return its record, checksums included; ``fields``: the record's
+    name, io, precision, transform and notes."""
+    ext = save_streaming(model, stage / file, external_threshold=EXTERNAL_DATA_THRESHOLD, writer=writer)
+    rec = file_record(stage, file)
+    return GraphRecord(file=file, sha256=rec.sha256, external_data=tuple(file_record(stage, e) for e in ext),
+                       **fields)
 
 
 def release_memory() -> None:
